@@ -1,0 +1,18 @@
+"""Attention kinds behind one interface, layer(x, state) -> (y, state): Infini-attention, full, local."""
+
+from attention.backends import causal_attention
+from attention.infini import AttentionState, CausalSelfAttention, InfiniAttention
+from attention.memory import Memory, delta_update, feature_map, linear_update, retrieve, segment_memories
+
+__all__ = [
+    "AttentionState",
+    "CausalSelfAttention",
+    "InfiniAttention",
+    "Memory",
+    "causal_attention",
+    "delta_update",
+    "feature_map",
+    "linear_update",
+    "retrieve",
+    "segment_memories",
+]

@@ -1,0 +1,96 @@
+"""Naive reference of Infini-attention: a loop over segments and heads, written straight from the paper.
+
+Slow and obviously correct; shares no code with the fast path except the RoPE callable it is given. Tests run it
+in float64 against the batched layer (outputs, memory states, gradients).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attention.memory import EPS
+
+
+def _sigma(x: Tensor) -> Tensor:
+    return torch.where(x > 0, x + 1.0, torch.exp(x))  # ELU(x) + 1, written out
+
+
+def reference_infini_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_len: int | None,
+    rope,
+    gate_logit: Tensor | None = None,
+    memory_update: str = "linear",
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """q: (B, H, T, D), k and v: (B, Hkv, T, D), un-rotated. segment_len None: one segment (full attention).
+    gate_logit None: no memory (local attention); else (H,) and the memory is used.
+
+    Returns the attention output (B, H, T, D) before the output projection, and the memory (M, z) after each
+    segment, the last (possibly shorter) segment included: [(M_1, z_1), (M_2, z_2), ...],
+    M: (B, Hkv, D, D), z: (B, Hkv, D).
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    N = T if segment_len is None else segment_len
+    M = torch.zeros(B, Hkv, D, D, dtype=q.dtype, device=q.device)
+    z = torch.zeros(B, Hkv, D, dtype=q.dtype, device=q.device)
+    out = torch.zeros_like(q)
+    memories = []
+    for start in range(0, T, N):
+        stop = min(start + N, T)
+        n = stop - start
+        positions = torch.arange(n, device=q.device)  # positions restart in every segment
+        for h in range(H):
+            kv = h // group
+            qs, ks, vs = q[:, h, start:stop], k[:, kv, start:stop], v[:, kv, start:stop]  # (B, n, D)
+            # local causal softmax attention inside the segment
+            scores = rope(qs, positions) @ rope(ks, positions).transpose(1, 2) / math.sqrt(D)  # (B, n, n)
+            future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=q.device), diagonal=1)
+            a_dot = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ vs
+            if gate_logit is None:
+                out[:, h, start:stop] = a_dot
+                continue
+            # (3) retrieval from the memory of the previous segments
+            sq = _sigma(qs)
+            a_mem = torch.zeros_like(a_dot)
+            for b in range(B):
+                for t in range(n):  # an empty memory (z = 0, M = 0) gives 0 / EPS = 0
+                    a_mem[b, t] = (sq[b, t] @ M[b, kv]) / (sq[b, t] @ z[b, kv]).clamp_min(EPS)
+            # (6) gate
+            g = torch.sigmoid(gate_logit[h])
+            out[:, h, start:stop] = g * a_mem + (1 - g) * a_dot
+        if gate_logit is None:
+            continue
+        # (4) / (5): write the segment after every head has read the memory
+        M_new, z_new = M.clone(), z.clone()
+        for kv in range(Hkv):
+            sk, vs = _sigma(k[:, kv, start:stop]), v[:, kv, start:stop]  # (B, n, D)
+            for b in range(B):
+                for t in range(n):
+                    value = vs[b, t]
+                    if memory_update == "delta":  # subtract what M_{s-1} already retrieves for this key
+                        value = value - (sk[b, t] @ M[b, kv]) / (sk[b, t] @ z[b, kv]).clamp_min(EPS)
+                    M_new[b, kv] = M_new[b, kv] + torch.outer(sk[b, t], value)
+                    z_new[b, kv] = z_new[b, kv] + sk[b, t]
+        M, z = M_new, z_new
+        memories.append((M, z))
+    return out, memories
+
+
+def reference_layer(layer, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """Run a CausalSelfAttention / InfiniAttention layer's weights through the reference on a whole sequence."""
+    B, T, _ = x.shape
+    H, Hkv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    q = (x @ layer.wq.weight.T).view(B, T, H, D).transpose(1, 2)
+    k = (x @ layer.wk.weight.T).view(B, T, Hkv, D).transpose(1, 2)
+    v = (x @ layer.wv.weight.T).view(B, T, Hkv, D).transpose(1, 2)
+    gate_logit = getattr(layer, "gate_logit", None)
+    update = getattr(layer, "memory_update", "linear")
+    a, memories = reference_infini_attention(q, k, v, layer.segment_len, layer.rope, gate_logit, update)
+    return a.transpose(1, 2).reshape(B, T, H * D) @ layer.wo.weight.T, memories

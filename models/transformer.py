@@ -1,0 +1,111 @@
+"""Decoder-only Transformer LM whose attention is Infini-attention, full or segment-local attention.
+
+    model = Transformer(ModelConfig(...))
+    out = model(tokens)                       # tokens (B, T) -> out.logits (B, T, vocab_size)
+    out2 = model(more_tokens, state=out.state)  # continue the same stream
+
+The streaming state is explicit (a tuple with one AttentionState per layer) and never stored on the module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from attention.infini import AttentionState, CausalSelfAttention, InfiniAttention
+from attention.memory import Memory
+from models.config import ModelConfig
+from models.layers import DecoderBlock, RMSNorm
+from models.rope import RotaryEmbedding
+
+ModelState = tuple[AttentionState, ...]
+
+
+class TransformerOutput(NamedTuple):
+    logits: Tensor  # (B, T, vocab_size)
+    state: ModelState  # one AttentionState per layer
+
+
+def build_attention(cfg: ModelConfig, rope: RotaryEmbedding) -> CausalSelfAttention:
+    """The attention kind is configuration; every kind has the interface (x, state) -> (y, state)."""
+    if cfg.attention == "infini":
+        return InfiniAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.segment_len, rope,
+                               cfg.memory_update, cfg.gate_init, cfg.attention_backend)
+    segment_len = None if cfg.attention == "full" else cfg.segment_len
+    return CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, segment_len, rope, cfg.attention_backend)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(
+            DecoderBlock(build_attention(config, self.rope), config.dim, config.ffn_dim, config.norm_eps)
+            for _ in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights; residual output projections (wo, w2) scaled by 1/sqrt(2 n_layers)
+        (GPT-2); norms at 1; gate logits at gate_init. Callable again after meta-device construction."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.Linear):
+                is_residual = name.endswith(("attention.wo", "feed_forward.w2"))
+                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, InfiniAttention):
+                nn.init.constant_(module.gate_logit, module.gate_init)
+        if self.config.tie_embeddings:  # the loop above re-initialised the shared matrix as a Linear
+            nn.init.normal_(self.tok_embeddings.weight, std=std)
+
+    def empty_state(self, batch: int, device: torch.device | None = None) -> ModelState:
+        dtype = self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        return tuple(layer.attention.empty_state(batch, device, dtype) for layer in self.layers)
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None) -> TransformerOutput:
+        """tokens: (B, T) int64. state: None for a fresh stream, else the state returned by the previous call."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        if state is not None and len(state) != len(self.layers):
+            raise ValueError(f"state has {len(state)} layers, the model {len(self.layers)}")
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            h, layer_state = layer(h, None if state is None else state[i])
+            new_state.append(layer_state)
+        return TransformerOutput(self.output(self.norm(h)), tuple(new_state))
+
+    def gates(self) -> Tensor | None:
+        """sigmoid(beta): (n_layers, n_heads) share of memory in each head's output, or None without memory."""
+        logits = [layer.attention.gate_logit for layer in self.layers if isinstance(layer.attention, InfiniAttention)]
+        return torch.sigmoid(torch.stack(logits)).detach() if logits else None
+
+
+def map_state(state: ModelState, fn: Callable[[Tensor], Tensor]) -> ModelState:
+    """Apply fn to every tensor of a state (detach, index_select for beams, .to(device), ...)."""
+    return tuple(
+        AttentionState(fn(s.keys), fn(s.values), None if s.memory is None else Memory(*map(fn, s.memory)))
+        for s in state
+    )
+
+
+def detach_state(state: ModelState) -> ModelState:
+    """Cut back-propagation through time at this point of the stream (truncated BPTT)."""
+    return map_state(state, Tensor.detach)
