@@ -45,7 +45,8 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (..., H, Tq, Tk)
     mask = _bottom_right_mask(q.shape[-2], k.shape[-2], q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    probabilities = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    return probabilities.to(q.dtype) @ v
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

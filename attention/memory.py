@@ -11,9 +11,9 @@ Shape legend: B batch, Hkv key/value heads, S segments, N segment length, n toke
 Choices the paper leaves open, and ours:
   * M_0 = 0, z_0 = 0: an empty memory holds nothing, so the first segment reads nothing from it.
   * The denominator is clamped from below at EPS, not shifted by it: with z_0 = 0 the numerator is exactly 0 too,
-    so retrieval from an empty memory returns exactly 0 (never 0/0 = NaN), and once anything has been written
-    the denominator is a sum of positive terms (sigma > 0), orders of magnitude above EPS, so the clamp never
-    biases a real retrieval.
+    so retrieval from an empty memory returns exactly 0 (never 0/0 = NaN). Once anything has been written the
+    denominator is a sum of positive terms (sigma > 0) over Dk dimensions and every written token, orders of
+    magnitude above EPS for any realistic activations, so the clamp does not bias a real retrieval.
   * The state is float32 (or float64) whatever the compute dtype: M and z are running sums over up to millions
     of tokens, which bf16 would round away.
 """
