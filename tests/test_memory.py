@@ -13,7 +13,6 @@ from attention.memory import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     previous = torch.get_default_dtype()
@@ -137,5 +136,6 @@ def test_gradcheck_memory_functions():
     ks, vs = rand(1, 2, 3, 2, 4), rand(1, 2, 3, 2, 3)
     for update in ("linear", "delta"):
         assert torch.autograd.gradcheck(
-            lambda k, v, M, z: flat(segment_memories(Memory(M, z), feature_map(k), v, 2, update)), (ks, vs, M, z)
+            lambda k, v, M, z, update=update: flat(segment_memories(Memory(M, z), feature_map(k), v, 2, update)),
+            (ks, vs, M, z),
         )
