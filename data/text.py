@@ -16,7 +16,8 @@ suffix; everything else is a hub name):
 A .txt file is one document by default (the text builder's sample_by="document"): PG19 ships one book per
 .txt file, and the builder's own default (one row per line) would cut books into lines. Pass
 txt_sample_by="line" or "paragraph" for corpora with one document per line or per blank-line block.
-For a single file or glob, `split` only names the split; the files are what was asked for.
+For a single file or glob, `split` only names the split; the files are what was asked for. Slices work as
+with hub datasets: split="train[:100]" reads the train files and keeps their first 100 rows.
 """
 
 from __future__ import annotations
@@ -123,13 +124,14 @@ def load_records(
     if txt_sample_by not in TXT_SAMPLE_BY:
         raise ValueError(f"txt_sample_by must be one of {TXT_SAMPLE_BY}, got {txt_sample_by!r}")
     if is_local_source(source):
-        files = local_data_files(source, split)
+        split_name = split.split("[", 1)[0]  # "train[:100]": files of "train", then datasets slices them
+        files = local_data_files(source, split_name)
         builders = sorted({BUILDERS[Path(file).suffix.lower()] for file in files})
         if len(builders) > 1:
             raise ValueError(f"{source!r} mixes file types (builders {builders}); load one type at a time")
         options = {"sample_by": txt_sample_by} if builders[0] == "text" else {}
         dataset = datasets.load_dataset(
-            builders[0], data_files={split: files}, split=split, cache_dir=cache_dir, **options, **load_kwargs
+            builders[0], data_files={split_name: files}, split=split, cache_dir=cache_dir, **options, **load_kwargs
         )
     else:
         dataset = datasets.load_dataset(source, split=split, cache_dir=cache_dir, **load_kwargs)

@@ -549,6 +549,8 @@ def test_load_documents_picks_the_split(tmp_path: Path) -> None:
     write_jsonl(named / "train.jsonl", [{"text": "t"}])
     write_jsonl(named / "validation.jsonl", [{"text": "v"}])
     assert load_documents(str(named), "validation", cache_dir=cache)["text"] == ["v"]
+    write_jsonl(named / "train.jsonl", [{"text": "t0"}, {"text": "t1"}, {"text": "t2"}])
+    assert load_documents(str(named), "train[1:]", cache_dir=cache)["text"] == ["t1", "t2"]  # sliced split
     with pytest.raises(FileNotFoundError, match="none for split 'test'"):
         load_documents(str(named), "test", cache_dir=cache)
 
