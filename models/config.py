@@ -7,6 +7,7 @@ from dataclasses import dataclass
 ATTENTION_KINDS = ("infini", "full", "local")
 MEMORY_UPDATES = ("linear", "delta")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 
 
 @dataclass
@@ -44,6 +45,31 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal initialisation of linear and embedding weights."""
 
+    # RoPE context extension (models/rope.py). RoPE acts only on the local dot-product path, whose positions
+    # restart at 0 in every segment, so with `infini`/`local` these knobs matter when segment_len exceeds the
+    # context the RoPE was trained at; with `full` attention they matter for any stream longer than it.
+    rope_scaling: str = "none"
+    """none; linear (position interpolation, Chen et al. 2023: every frequency divided by the factor); ntk
+    (NTK-aware: theta multiplied by factor^(D/(D-2)), high frequencies almost untouched); yarn (Peng et al.
+    2023: NTK-by-parts interpolation plus an attention temperature); llama3 (Llama 3.1's
+    wavelength-dependent interpolation, as Hugging Face's rope_type "llama3")."""
+    rope_scaling_factor: float = 1.0
+    """s = target context / original context. Must stay 1.0 with rope_scaling none."""
+    rope_original_max_position_embeddings: int | None = None
+    """Context length the RoPE was trained at (Hugging Face's original_max_position_embeddings); required by
+    yarn and llama3, unused by the others."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original / low_freq_factor are interpolated by the full factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original / high_freq_factor are kept; in between, a smooth blend."""
+    rope_yarn_beta_fast: float = 32.0
+    """yarn: dimensions rotating more than beta_fast times over the original context are not interpolated."""
+    rope_yarn_beta_slow: float = 1.0
+    """yarn: dimensions rotating fewer than beta_slow times over the original context are fully interpolated."""
+    rope_attention_factor: float | None = None
+    """yarn: multiplier of cos and sin (so attention logits scale by its square). None: 0.1 ln(s) + 1, the
+    YaRN paper's choice."""
+
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -71,6 +97,49 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)!r}")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_yarn_beta_fast", "rope_yarn_beta_slow"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        original = self.rope_original_max_position_embeddings
+        if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
+            raise ValueError(
+                f"ModelConfig.rope_original_max_position_embeddings must be a positive integer or None, got "
+                f"{original!r}"
+            )
+        if self.rope_scaling == "none" and self.rope_scaling_factor != 1.0:
+            raise ValueError(
+                f"ModelConfig.rope_scaling_factor={self.rope_scaling_factor} has no effect with rope_scaling='none'"
+                "; choose linear, ntk, yarn or llama3"
+            )
+        if self.rope_scaling in ("yarn", "llama3") and original is None:
+            raise ValueError(
+                f"ModelConfig.rope_scaling={self.rope_scaling!r} needs rope_original_max_position_embeddings "
+                "(the context length the RoPE was trained at)"
+            )
+        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(
+                f"ModelConfig.rope_low_freq_factor={self.rope_low_freq_factor} must be below "
+                f"rope_high_freq_factor={self.rope_high_freq_factor}"
+            )
+        if self.rope_scaling == "yarn" and not self.rope_yarn_beta_slow < self.rope_yarn_beta_fast:
+            raise ValueError(
+                f"ModelConfig.rope_yarn_beta_slow={self.rope_yarn_beta_slow} must be below "
+                f"rope_yarn_beta_fast={self.rope_yarn_beta_fast}"
+            )
+        if self.rope_attention_factor is not None:
+            if self.rope_scaling != "yarn":
+                raise ValueError("ModelConfig.rope_attention_factor is only used by rope_scaling='yarn'")
+            if not self.rope_attention_factor > 0:
+                raise ValueError(
+                    f"ModelConfig.rope_attention_factor must be positive, got {self.rope_attention_factor!r}"
+                )
 
     @property
     def head_dim(self) -> int:

@@ -4,12 +4,36 @@ so Llama checkpoints load without permuting q/k weights.
 Infini-attention applies RoPE only on the local dot-product path; the compressive memory reads and writes
 un-rotated Q/K (paper, Sec. 3.1). The angles are computed on the fly from integer positions: there is no
 buffer to move between devices or re-initialise after meta-device construction.
+
+Context extension. Researchers compare Infini-attention against stretching RoPE itself, so the usual static
+variants are here, all as a change of the inverse frequencies inv_freq[i] = theta^(-2i/D), i < D/2
+(s = `factor`, L = the context length the RoPE was trained at, wavelength_i = 2 pi / inv_freq[i]):
+
+  none    inv_freq unchanged.
+  linear  position interpolation (Chen et al., 2023): inv_freq / s, i.e. position p acts as p / s.
+  ntk     "NTK-aware" scaling (bloc97, 2023): theta -> theta * s^(D/(D-2)); the fastest dimension is
+          unchanged, the slowest is interpolated by exactly s, the ones between by a geometric blend.
+  yarn    YaRN (Peng et al., 2023, "NTK-by-parts"): dimensions that turn more than beta_fast times within L
+          keep their frequency, those that turn fewer than beta_slow times are interpolated by s, with a
+          linear ramp over the dimension index between; cos and sin are multiplied by an attention factor
+          (default 0.1 ln s + 1) to temper the softmax. Dimension bounds are rounded outwards (floor / ceil).
+  llama3  Llama 3.1: wavelengths shorter than L / high_freq_factor are kept, longer than L / low_freq_factor
+          divided by s, a blend linear in L / wavelength between. Same numbers as transformers' "llama3".
+
+Positions restart at 0 in every segment (see attention/infini.py), so on the `infini` and `local` paths the
+largest angle is (segment_len - 1) * inv_freq: these knobs matter when segment_len exceeds L, and for the
+`full` baseline when the stream does.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+from models.config import ROPE_SCALINGS, ModelConfig
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -17,32 +41,113 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RotaryEmbedding(nn.Module):
-    """x -> x * cos(pos * freq) + rotate_half(x) * sin(pos * freq), computed in float32."""
+@dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE context-extension rule; the fields mirror ModelConfig.rope_* (documented there)."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise ValueError(f"unknown RoPE scaling {self.kind!r}; expected one of {ROPE_SCALINGS}")
+        if self.kind in ("yarn", "llama3") and self.original_max_position_embeddings is None:
+            raise ValueError(f"RoPE scaling {self.kind!r} needs original_max_position_embeddings")
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> RopeScaling:
+        return cls(
+            kind=config.rope_scaling,
+            factor=config.rope_scaling_factor,
+            original_max_position_embeddings=config.rope_original_max_position_embeddings,
+            low_freq_factor=config.rope_low_freq_factor,
+            high_freq_factor=config.rope_high_freq_factor,
+            beta_fast=config.rope_yarn_beta_fast,
+            beta_slow=config.rope_yarn_beta_slow,
+            attention_factor=config.rope_attention_factor,
+        )
+
+    def cos_sin_multiplier(self) -> float:
+        """Factor applied to cos and sin (1.0 except for yarn)."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+
+    def scale(self, inv_freq: Tensor, theta: float, head_dim: int) -> Tensor:
+        """inv_freq: (D/2,) float64 unscaled frequencies theta^(-2i/D) -> (D/2,) float64 scaled."""
+        s = float(self.factor)
+        if self.kind == "none":
+            return inv_freq
+        if self.kind == "linear":
+            return inv_freq / s
+        if self.kind == "ntk":
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=inv_freq.device) / head_dim
+            return 1.0 / (theta * s ** (head_dim / (head_dim - 2))) ** exponents
+        original = float(self.original_max_position_embeddings)  # validated in __post_init__
+        if self.kind == "llama3":
+            wavelength = 2 * math.pi / inv_freq
+            # blend weight 1 keeps a frequency, 0 divides it by s; linear in original / wavelength
+            keep = (original / wavelength - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            keep = torch.where(wavelength < original / self.high_freq_factor, 1.0, keep)
+            keep = torch.where(wavelength > original / self.low_freq_factor, 0.0, keep)
+            return keep * inv_freq + (1 - keep) * inv_freq / s
+        # yarn: the dimension index i at which a frequency turns `rotations` times within the original context
+        def dimension_of(rotations: float) -> float:
+            return head_dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(theta))
+
+        low = max(math.floor(dimension_of(self.beta_fast)), 0)
+        high = min(math.ceil(dimension_of(self.beta_slow)), head_dim - 1)
+        if low == high:
+            high += 0.001  # a step instead of a ramp, without dividing by zero
+        index = torch.arange(head_dim // 2, dtype=torch.float64, device=inv_freq.device)
+        interpolate = ((index - low) / (high - low)).clamp(0.0, 1.0)  # 0: keep the frequency, 1: divide by s
+        return (1 - interpolate) * inv_freq + interpolate * inv_freq / s
+
+
+class RotaryEmbedding(nn.Module):
+    """x -> (x * cos(pos * freq) + rotate_half(x) * sin(pos * freq)) * m, computed in float32; freq and m
+    (1 except for yarn) follow the context-extension rule `scaling`."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling or RopeScaling()
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> RotaryEmbedding:
+        return cls(config.head_dim, config.rope_theta, RopeScaling.from_config(config))
 
     def inv_freq(self, device: torch.device | None = None) -> Tensor:
-        """(D/2,) float32 inverse frequencies theta^(-2i/D)."""
+        """(D/2,) float32 inverse frequencies: theta^(-2i/D), then the scaling rule, computed in float64."""
         exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim
-        return (1.0 / self.theta**exponents).float()
+        return self.scaling.scale(1.0 / self.theta**exponents, self.theta, self.head_dim).float()
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions: (T,) integer -> cos, sin: (T, D) float32."""
         angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq(positions.device)  # (T, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+        multiplier = self.scaling.cos_sin_multiplier()
+        if multiplier != 1.0:
+            return angles.cos() * multiplier, angles.sin() * multiplier
         return angles.cos(), angles.sin()
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x: (..., T, D); positions: (T,). Returns x rotated, in x's dtype."""
         cos, sin = self.cos_sin(positions)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 rotates in float32, float64 stays
         return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta}"
+        scaling = "" if self.scaling.kind == "none" else f", scaling={self.scaling}"
+        return f"head_dim={self.head_dim}, theta={self.theta}{scaling}"
