@@ -29,19 +29,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
 
 
-def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Weights as contiguous CPU tensors, the tied output matrix left out (safetensors forbids shared storage)."""
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+def model_state_dict(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Weights as contiguous CPU tensors, the tied output matrix left out (safetensors forbids shared storage).
+    `state`: an already gathered state dict (e.g. the full state of an FSDP-sharded model); default the model's."""
+    state = model.state_dict() if state is None else state
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
     if model.config.tie_embeddings:
-        state.pop("output.weight")
+        state.pop("output.weight", None)
     return state
 
 
-def save_model(directory: str | Path, model: Transformer, tokenizer: str = "byte", **extra: Any) -> None:
-    """Write model.safetensors and config.json into `directory` (created if needed)."""
+def save_model(
+    directory: str | Path,
+    model: Transformer,
+    tokenizer: str = "byte",
+    state: dict[str, torch.Tensor] | None = None,
+    **extra: Any,
+) -> None:
+    """Write model.safetensors and config.json into `directory` (created if needed). `state` as in
+    model_state_dict; `extra` goes into config.json beside the model config and tokenizer."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(model_state_dict(model), str(directory / WEIGHTS))
+    save_file(model_state_dict(model, state), str(directory / WEIGHTS))
     meta = {"model": asdict(model.config), "tokenizer": tokenizer, **extra}
     (directory / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -65,8 +74,9 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} is not a valid model config: {error}") from error
 
 
-def load_weights(model: Transformer, directory: str | Path) -> None:
-    """Load model.safetensors into `model`, naming any missing or unexpected tensor."""
+def read_weights(model: Transformer, directory: str | Path) -> dict[str, torch.Tensor]:
+    """The full state dict in a model directory, checked against `model`'s names and shapes (the tied output
+    matrix restored), naming any missing, unexpected or misshapen tensor."""
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(directory)!r} has no {WEIGHTS}")
@@ -74,14 +84,21 @@ def load_weights(model: Transformer, directory: str | Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is corrupt or truncated: {error}") from error
-    expected = model_state_dict(model).keys()
+    expected = {name for name in model.state_dict() if not (model.config.tie_embeddings and name == "output.weight")}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
     wrong = [name for name, t in model.state_dict().items() if name in state and state[name].shape != t.shape]
     if wrong:
         raise CheckpointError(f"{path}: tensors with the wrong shape: {wrong}")
-    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+    if model.config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
+
+
+def load_weights(model: Transformer, directory: str | Path) -> None:
+    """Load model.safetensors into `model` (see read_weights for the checks)."""
+    model.load_state_dict(read_weights(model, directory))
 
 
 def load_model(

@@ -1,0 +1,373 @@
+"""Train an Infini-Transformer.
+
+    python train.py                                   # the default job: a tiny passkey model on CPU, then eval
+    python train.py experiment=pg19_paper             # the paper's PG19 setup (needs GPUs and the dataset)
+    torchrun --nproc_per_node 8 train.py experiment=pg19_paper trainer.parallel=fsdp
+    python train.py -m model.memory_update=linear,delta   # a Hydra multirun sweep
+
+`train(cfg)` is the loop (tests call it directly); `main` is the thin Hydra wrapper. The configuration schema is
+in training/config.py, the YAML in conf/.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from attention.memory import Memory
+from data.stream import BatchStream
+from data.tokenizer import Tokenizer, load_tokenizer
+from models.checkpoint import CheckpointError
+from models.transformer import ModelState, Transformer, detach_state
+from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import DataConfig, TrainConfig, TrainerConfig, register_configs
+from training.metrics import MetricsLogger
+from training.optim import build_optimizer, build_scheduler
+from training.parallel import Runtime, all_gather_objects, all_reduce_sum, init_runtime, no_sync, parallelize
+
+register_configs()
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the run stops before the optimizer step."""
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int, validation: bool = False
+               ) -> BatchStream:
+    """The training stream (or, with validation=True, a disjoint stream for validation loss)."""
+    seed = cfg.seed + (1_000_003 if validation else 0)
+    if cfg.kind == "passkey":
+        from data.passkey import PasskeyBatches, PasskeyDataset
+
+        dataset = PasskeyDataset(tokenizer, cfg.seq_len, seed, cfg.passkey_digits,
+                                 (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on)
+        return PasskeyBatches(dataset, cfg.batch_size, rank, world_size)
+    if cfg.source is None:
+        raise ValueError(f"data.kind={cfg.kind!r} needs data.source (a hub dataset name or local files)")
+    split = cfg.val_split if validation and cfg.val_split is not None else cfg.split
+    if cfg.kind == "text":
+        from data.text import DocumentWindows, load_documents
+
+        documents = load_documents(cfg.source, split, cfg.text_field)
+        return DocumentWindows(documents, tokenizer, cfg.seq_len, cfg.batch_size, rank, world_size, seed,
+                               text_field=cfg.text_field)
+    if cfg.kind == "booksum":
+        from data.booksum import SummarizationBatches, load_booksum
+
+        examples = load_booksum(cfg.source, split, cfg.booksum_level)
+        return SummarizationBatches(examples, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_input_tokens,
+                                    rank, world_size, seed)
+    raise ValueError(f"data.kind={cfg.kind!r} is not one of ('passkey', 'text', 'booksum')")
+
+
+# ----------------------------------------------------------------------------------------------- one optimizer step
+
+
+def reset_rows(state: ModelState | None, new_document: Tensor) -> ModelState | None:
+    """Empty the memory of the rows that start a new document (carry_state); the others keep theirs."""
+    if state is None:
+        return None
+    keep = (~new_document).to(state[0].keys.device)
+
+    def reset(t: Tensor) -> Tensor:
+        return t * keep.view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
+
+    return tuple(s._replace(memory=None if s.memory is None else Memory(*map(reset, s.memory))) for s in state)
+
+
+def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelState | None, runtime: Runtime,
+                     cfg: TrainerConfig, segment_len: int, scale: float, sync: bool) -> tuple[float, ModelState]:
+    """Loss and gradients of one batch: back-propagation through time over its segments, truncated every
+    cfg.tbptt_segments segments (the memory is detached there and backward runs per chunk). The summed token
+    loss is multiplied by `scale` before backward. Returns (summed token loss, final state, detached)."""
+    tokens, targets, mask = (batch[k].to(runtime.device) for k in ("tokens", "targets", "loss_mask"))
+    T = tokens.shape[1]
+    chunk = cfg.tbptt_segments * segment_len if cfg.tbptt_segments > 0 else T
+    starts = list(range(0, T, chunk))
+    total = 0.0
+    for i, start in enumerate(starts):
+        stop = start + chunk
+        with no_sync(module, sync and i == len(starts) - 1):
+            with runtime.autocast():
+                out = module(tokens[:, start:stop], state)
+            token_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets[:, start:stop].flatten(),
+                                         reduction="none")  # (B*chunk,)
+            loss = (token_loss * mask[:, start:stop].flatten()).sum()
+            (loss * scale).backward()
+        total += loss.item()
+        state = detach_state(out.state)
+    return total, state
+
+
+@torch.no_grad()
+def validation_loss(module: nn.Module, batches: list[dict[str, Tensor]], runtime: Runtime) -> float:
+    loss_sum, count = 0.0, 0.0
+    for batch in batches:
+        tokens, targets, mask = (batch[k].to(runtime.device) for k in ("tokens", "targets", "loss_mask"))
+        with runtime.autocast():
+            logits = module(tokens).logits
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        loss_sum += float((token_loss * mask.flatten()).sum())
+        count += float(mask.sum())
+    return all_reduce_sum(loss_sum, runtime) / max(all_reduce_sum(count, runtime), 1.0)
+
+
+def state_metrics(model: Transformer, state: ModelState | None) -> dict[str, float]:
+    """Per layer and head sigmoid(gate); per layer the Frobenius norm of M and the mean of z (batch mean)."""
+    metrics = {}
+    gates = model.gates()
+    if gates is not None:
+        for layer, row in enumerate(gates.tolist()):
+            for head, value in enumerate(row):
+                metrics[f"gate/layer{layer}/head{head}"] = value
+    for layer, s in enumerate(state or ()):
+        if s.memory is not None:
+            metrics[f"memory/M_norm/layer{layer}"] = float(s.memory.matrix.norm(dim=(-2, -1)).mean())
+            metrics[f"memory/z_mean/layer{layer}"] = float(s.memory.norm.mean())
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some launchers): no handler
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_train_config(cfg: DictConfig | TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """Typed config (ModelConfig validated) and its resolved plain-dict form (stored in checkpoints)."""
+    if isinstance(cfg, TrainConfig):
+        cfg = OmegaConf.structured(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    typed = OmegaConf.to_object(cfg)
+    return typed, plain
+
+
+def validate(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                         f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})")
+    t = cfg.trainer
+    if t.max_steps <= 0 or t.grad_accum <= 0 or t.tbptt_segments < 0:
+        raise ValueError("trainer.max_steps and trainer.grad_accum must be positive, trainer.tbptt_segments >= 0")
+    if t.carry_state:
+        if cfg.model.attention == "full":
+            raise ValueError("trainer.carry_state needs a bounded state: not available for model.attention=full")
+        if cfg.data.seq_len % cfg.model.segment_len:
+            raise ValueError(f"trainer.carry_state needs data.seq_len ({cfg.data.seq_len}) to be a multiple of "
+                             f"model.segment_len ({cfg.model.segment_len})")
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"trainer.resume={resume!r}: no such checkpoint directory")
+    return path
+
+
+def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
+    """Train (and evaluate) as `config` says. Returns a summary: final step, losses, checkpoint, passkey results."""
+    cfg, plain_config = to_train_config(config)
+    runtime = init_runtime(cfg.trainer)
+    seed_everything(cfg.trainer.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    validate(cfg, tokenizer)
+    run_dir = Path(cfg.trainer.run_dir)
+
+    model = Transformer(cfg.model).to(runtime.device)
+    module = parallelize(model, cfg.trainer, runtime)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+    data = build_data(cfg.data, tokenizer, runtime.rank, runtime.world_size)
+
+    step = 0
+    resume_from = resolve_resume(cfg.trainer.resume, run_dir)
+    if resume_from is not None:
+        trainer_state = load_checkpoint(resume_from, module, model, optimizer, scheduler)
+        step = trainer_state["step"]
+        data_states = trainer_state["data"]
+        if len(data_states) != runtime.world_size:
+            raise CheckpointError(f"{resume_from} was written by {len(data_states)} processes, this run has "
+                                  f"{runtime.world_size}: the data positions cannot be matched")
+        data.load_state_dict(data_states[runtime.rank])
+
+    logger = MetricsLogger(cfg.logger, run_dir, plain_config, runtime.is_main, cfg.name)
+    stop = StopRequest()
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": str(resume_from) if resume_from else None,
+                               "losses": {}}
+    val_batches = None
+    if cfg.trainer.eval_every > 0:
+        val_stream = build_data(cfg.data, tokenizer, runtime.rank, runtime.world_size, validation=True)
+        val_batches = [next(val_stream) for _ in range(cfg.trainer.eval_batches)]
+
+    def checkpoint(at_step: int) -> Path | None:
+        return save_checkpoint(
+            run_dir, at_step, module, model, optimizer, scheduler, all_gather_objects(data.state_dict(), runtime),
+            {"name": cfg.name}, cfg.data.tokenizer, plain_config, cfg.trainer.keep_last, runtime.is_main,
+        )
+
+    progress = None
+    if cfg.trainer.progress and runtime.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.trainer.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    carried: ModelState | None = None
+    last_state: ModelState | None = None
+    tokens_seen, window_start = 0, time.perf_counter()
+    try:
+        while step < cfg.trainer.max_steps:
+            batches = [next(data) for _ in range(cfg.trainer.grad_accum)]
+            n_targets = all_reduce_sum(sum(float(b["loss_mask"].sum()) for b in batches), runtime)
+            if n_targets == 0:
+                raise ValueError(f"step {step}: no target token has loss_mask 1 in this step's batches")
+            scale = runtime.world_size / n_targets  # DDP averages gradients over ranks: undo, then divide by tokens
+            loss_sum = 0.0
+            for i, batch in enumerate(batches):
+                state_in = reset_rows(carried, batch["new_document"]) if cfg.trainer.carry_state else None
+                batch_loss, last_state = forward_backward(module, batch, state_in, runtime, cfg.trainer,
+                                                          cfg.model.segment_len, scale,
+                                                          sync=i == len(batches) - 1)
+                loss_sum += batch_loss
+                carried = last_state if cfg.trainer.carry_state else None
+            loss = all_reduce_sum(loss_sum, runtime) / n_targets
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                kept = latest_checkpoint(run_dir)
+                raise NonFiniteLossError(
+                    f"step {step}: loss={loss}, grad_norm={grad_norm}; stopping before the optimizer step. "
+                    f"The last good checkpoint is {kept} and was not touched." if kept else
+                    f"step {step}: loss={loss}, grad_norm={grad_norm}; stopping before the optimizer step "
+                    "(no checkpoint was written yet)."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            summary["losses"][step] = loss
+            tokens_seen += sum(b["tokens"].numel() for b in batches) * runtime.world_size
+
+            if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                           "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                           **state_metrics(model, last_state)}
+                logger.log(metrics, step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+                tokens_seen, window_start = 0, time.perf_counter()
+            if progress is not None:
+                progress.update(1)
+            if val_batches is not None and step % cfg.trainer.eval_every == 0:
+                logger.log(periodic_eval(cfg, model, module, val_batches, tokenizer, runtime), step)
+
+            requested = all_reduce_sum(float(stop.signal is not None), runtime) > 0
+            if (cfg.trainer.ckpt_every > 0 and step % cfg.trainer.ckpt_every == 0) or requested \
+                    or step == cfg.trainer.max_steps:
+                summary["checkpoint"] = str(checkpoint(step))
+            if requested:
+                summary["stopped_by_signal"] = True
+                break
+        summary["step"] = step
+        if cfg.evaluation.final_passkey_lengths and step == cfg.trainer.max_steps:
+            summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step)
+    finally:
+        stop.restore()
+        if progress is not None:
+            progress.close()
+        logger.finish()
+    return summary
+
+
+def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_batches, tokenizer: Tokenizer,
+                  runtime: Runtime) -> dict[str, float]:
+    from evaluation.passkey import evaluate_passkey
+
+    metrics = {"val/loss": validation_loss(module, val_batches, runtime)}
+    e = cfg.evaluation
+    if e.passkey_lengths and e.passkey_trials > 0:
+        was_training = model.training
+        model.eval()
+        results = evaluate_passkey(model, tokenizer, e.passkey_lengths, e.passkey_depths, e.passkey_trials,
+                                   e.seed, e.chunk_size, digits=cfg.data.passkey_digits)
+        model.train(was_training)
+        metrics["val/passkey_exact"] = results.mean("exact")
+        for length, accuracy in results.summary()["metrics"]["exact"]["per_length"].items():
+            metrics[f"val/passkey_exact/{length}"] = accuracy
+    return metrics
+
+
+def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
+                  logger: MetricsLogger, step: int) -> dict[str, Any]:
+    """Passkey retrieval at the final lengths: table printed, JSON + heat map in <run_dir>/passkey."""
+    from evaluation.passkey import evaluate_passkey, markdown_table
+
+    e = cfg.evaluation
+    out_dir = run_dir / "passkey" if runtime.is_main else None
+    model.eval()
+    results = evaluate_passkey(model, tokenizer, e.final_passkey_lengths, e.final_passkey_depths,
+                               e.final_passkey_trials, e.seed, e.chunk_size, out_dir=out_dir,
+                               digits=cfg.data.passkey_digits)
+    summary = results.summary()
+    if runtime.is_main:
+        print(f"\nPasskey retrieval, exact match (%), training length {cfg.data.seq_len} tokens, "
+              f"{e.final_passkey_trials} trials per cell:\n")
+        print(markdown_table(results, "exact"))
+        print(f"\nmean exact match {100 * results.mean('exact'):.1f}%; outputs in {out_dir}")
+        logger.log({f"passkey/exact/{k}": v for k, v in summary["metrics"]["exact"]["per_length"].items()}, step)
+        heatmap = out_dir / "passkey_heatmap.png"
+        if heatmap.is_file():
+            logger.log_image("passkey/heatmap", heatmap, step)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    summary = train(cfg)
+    losses = summary["losses"]
+    return losses[max(losses)] if losses else None  # the objective a Hydra sweeper minimises
+
+
+if __name__ == "__main__":
+    main()

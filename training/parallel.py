@@ -1,0 +1,125 @@
+"""Process group, device and the wrapping of a model for training: activation checkpointing, torch.compile,
+DDP or FSDP2. Applied here, outside models/, so the model code stays single-device and readable."""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.transformer import Transformer
+from training.config import TrainerConfig
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: no autocast
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> AbstractContextManager:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def init_runtime(cfg: TrainerConfig) -> Runtime:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU) and pick device and
+    precision."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device={cfg.device!r} is not one of ('auto', 'cpu', 'cuda')")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but CUDA is not available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"trainer.precision={cfg.precision!r} is not one of ('auto', 'fp32', 'bf16')")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
+    return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if bf16 else None)
+
+
+def parallelize(model: Transformer, cfg: TrainerConfig, runtime: Runtime) -> nn.Module:
+    """Activation checkpointing and compile per block, then DDP or FSDP2 under torchrun. Returns the module to
+    call for training; `model` itself keeps its parameter names (checkpoints are written from it)."""
+    for block in model.layers:
+        if cfg.activation_checkpointing:
+            # an instance attribute shadows the class's forward: the module tree and parameter names stay the same
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if cfg.compile:
+            block.compile()
+    if cfg.parallel not in ("auto", "ddp", "fsdp", "none"):
+        raise ValueError(f"trainer.parallel={cfg.parallel!r} is not one of ('auto', 'ddp', 'fsdp', 'none')")
+    if not runtime.distributed or cfg.parallel == "none":
+        return model
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=runtime.autocast_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def no_sync(module: nn.Module, sync: bool) -> AbstractContextManager:
+    """Skip the gradient all-reduce on backward passes that are not the last of an optimizer step."""
+    if sync:
+        return nullcontext()
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(module)
+    return nullcontext()
+
+
+class _fsdp_no_sync(AbstractContextManager):  # noqa: N801 - used like a function
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.module.set_requires_gradient_sync(True)
+        return False
+
+
+def all_reduce_sum(value: float, runtime: Runtime) -> float:
+    if not runtime.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def all_gather_objects(obj, runtime: Runtime) -> list:
+    if not runtime.distributed:
+        return [obj]
+    gathered = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
