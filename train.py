@@ -11,6 +11,7 @@ in training/config.py, the YAML in conf/.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -25,13 +26,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from attention.infini import AttentionState
 from attention.memory import Memory
-from data.stream import BatchStream
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.checkpoint import CheckpointError
 from models.transformer import ModelState, Transformer, detach_state
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import DataConfig, TrainConfig, TrainerConfig, register_configs
+from training.config import TrainConfig, TrainerConfig, register_configs
+from training.data import build_data
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallel import Runtime, all_gather_objects, all_reduce_sum, init_runtime, no_sync, parallelize
@@ -41,37 +43,6 @@ register_configs()
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stops before the optimizer step."""
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-
-
-def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int, validation: bool = False
-               ) -> BatchStream:
-    """The training stream (or, with validation=True, a disjoint stream for validation loss)."""
-    seed = cfg.seed + (1_000_003 if validation else 0)
-    if cfg.kind == "passkey":
-        from data.passkey import PasskeyBatches, PasskeyDataset
-
-        dataset = PasskeyDataset(tokenizer, cfg.seq_len, seed, cfg.passkey_digits,
-                                 (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on)
-        return PasskeyBatches(dataset, cfg.batch_size, rank, world_size)
-    if cfg.source is None:
-        raise ValueError(f"data.kind={cfg.kind!r} needs data.source (a hub dataset name or local files)")
-    split = cfg.val_split if validation and cfg.val_split is not None else cfg.split
-    if cfg.kind == "text":
-        from data.text import DocumentWindows, load_documents
-
-        documents = load_documents(cfg.source, split, cfg.text_field)
-        return DocumentWindows(documents, tokenizer, cfg.seq_len, cfg.batch_size, rank, world_size, seed,
-                               text_field=cfg.text_field)
-    if cfg.kind == "booksum":
-        from data.booksum import SummarizationBatches, load_booksum
-
-        examples = load_booksum(cfg.source, split, cfg.booksum_level)
-        return SummarizationBatches(examples, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_input_tokens,
-                                    rank, world_size, seed)
-    raise ValueError(f"data.kind={cfg.kind!r} is not one of ('passkey', 'text', 'booksum')")
 
 
 # ----------------------------------------------------------------------------------------------- one optimizer step
@@ -124,6 +95,29 @@ def validation_loss(module: nn.Module, batches: list[dict[str, Tensor]], runtime
         loss_sum += float((token_loss * mask.flatten()).sum())
         count += float(mask.sum())
     return all_reduce_sum(loss_sum, runtime) / max(all_reduce_sum(count, runtime), 1.0)
+
+
+def flatten_state(state: ModelState, prefix: str) -> dict[str, Tensor]:
+    """A carried state as named tensors for a checkpoint ("<prefix>layer<i>/<name>")."""
+    tensors = {}
+    for i, s in enumerate(state):
+        tensors[f"{prefix}layer{i}/keys"], tensors[f"{prefix}layer{i}/values"] = s.keys, s.values
+        if s.memory is not None:
+            tensors[f"{prefix}layer{i}/matrix"], tensors[f"{prefix}layer{i}/norm"] = s.memory
+    return tensors
+
+
+def unflatten_state(tensors: dict[str, Tensor], prefix: str, n_layers: int, device: torch.device) -> ModelState:
+    def get(key: str) -> Tensor | None:
+        value = tensors.get(prefix + key)
+        return None if value is None else value.to(device)
+
+    return tuple(
+        AttentionState(get(f"layer{i}/keys"), get(f"layer{i}/values"),
+                       None if get(f"layer{i}/matrix") is None else Memory(get(f"layer{i}/matrix"),
+                                                                            get(f"layer{i}/norm")))
+        for i in range(n_layers)
+    )
 
 
 def state_metrics(model: Transformer, state: ModelState | None) -> dict[str, float]:
@@ -194,6 +188,26 @@ def validate(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
                              f"model.segment_len ({cfg.model.segment_len})")
 
 
+def load_initial_weights(model: Transformer, path: str) -> None:
+    """trainer.init_from: our model directory, or a Hugging Face Llama directory converted on the fly (its
+    architecture must match model.*; the error names the fields that differ)."""
+    from dataclasses import asdict
+
+    from models.checkpoint import CONFIG, read_weights
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"trainer.init_from={path!r}: no such directory")
+    config_file = directory / CONFIG
+    if config_file.is_file() and "model" in json.loads(config_file.read_text()):
+        model.load_state_dict(read_weights(model, directory))
+        return
+    from models.hf import from_hf
+
+    converted = from_hf(directory, overrides=asdict(model.config))
+    model.load_state_dict(converted.state_dict())
+
+
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if resume == "none":
         return None
@@ -214,13 +228,17 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     validate(cfg, tokenizer)
     run_dir = Path(cfg.trainer.run_dir)
 
-    model = Transformer(cfg.model).to(runtime.device)
+    model = Transformer(cfg.model)
+    if cfg.trainer.init_from is not None:
+        load_initial_weights(model, cfg.trainer.init_from)
+    model = model.to(runtime.device)
     module = parallelize(model, cfg.trainer, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
     data = build_data(cfg.data, tokenizer, runtime.rank, runtime.world_size)
 
     step = 0
+    carried: ModelState | None = None
     resume_from = resolve_resume(cfg.trainer.resume, run_dir)
     if resume_from is not None:
         trainer_state = load_checkpoint(resume_from, module, model, optimizer, scheduler)
@@ -230,6 +248,9 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
             raise CheckpointError(f"{resume_from} was written by {len(data_states)} processes, this run has "
                                   f"{runtime.world_size}: the data positions cannot be matched")
         data.load_state_dict(data_states[runtime.rank])
+        if trainer_state["carry"]:
+            carried = unflatten_state(trainer_state["carry"], f"rank{runtime.rank}/", cfg.model.n_layers,
+                                      runtime.device)
 
     logger = MetricsLogger(cfg.logger, run_dir, plain_config, runtime.is_main, cfg.name)
     stop = StopRequest()
@@ -241,9 +262,14 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
         val_batches = [next(val_stream) for _ in range(cfg.trainer.eval_batches)]
 
     def checkpoint(at_step: int) -> Path | None:
+        carry = None
+        if carried is not None:
+            carry = {}
+            for rank, tensors in enumerate(all_gather_objects(flatten_state(carried, ""), runtime)):
+                carry.update({f"rank{rank}/{k}": v for k, v in tensors.items()})
         return save_checkpoint(
             run_dir, at_step, module, model, optimizer, scheduler, all_gather_objects(data.state_dict(), runtime),
-            {"name": cfg.name}, cfg.data.tokenizer, plain_config, cfg.trainer.keep_last, runtime.is_main,
+            {"name": cfg.name}, cfg.data.tokenizer, plain_config, cfg.trainer.keep_last, runtime.is_main, carry,
         )
 
     progress = None
@@ -251,7 +277,6 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.trainer.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    carried: ModelState | None = None
     last_state: ModelState | None = None
     tokens_seen, window_start = 0, time.perf_counter()
     try:

@@ -4,6 +4,7 @@
     model.safetensors, config.json     the model directory (models.checkpoint): evaluation and generation load it
     optimizer.safetensors              every tensor of the optimizer state, keyed "<param name>/<state key>"
     rng.safetensors                    torch CPU (and CUDA) generator states
+    carry.safetensors                  the memory carried across steps (trainer.carry_state), every rank's
     trainer_state.json                 step, scheduler, optimizer hyper-parameters and scalars, data stream
                                        position of every rank, Python/NumPy RNG states, W&B run id
 
@@ -43,6 +44,7 @@ PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
+CARRY = "carry.safetensors"
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -132,6 +134,7 @@ def save_checkpoint(
     train_config: dict[str, Any],
     keep_last: int,
     is_main: bool = True,
+    carry: dict[str, torch.Tensor] | None = None,
 ) -> Path | None:
     """Write step `step` atomically and keep the last `keep_last` checkpoints. Collective under FSDP: every rank
     calls it; rank 0 (is_main) writes. Returns the checkpoint path on rank 0."""
@@ -149,6 +152,8 @@ def save_checkpoint(
         save_file(optim_tensors, str(tmp / OPTIMIZER))
         rng_tensors, rng_rest = _rng_state()
         save_file(rng_tensors, str(tmp / RNG))
+        if carry:
+            save_file({k: v.detach().cpu().contiguous() for k, v in carry.items()}, str(tmp / CARRY))
         state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": optim_rest, "data": data_states,
                  "rng": rng_rest, **trainer_state}
         (tmp / TRAINER_STATE).write_text(json.dumps(state))
@@ -189,13 +194,15 @@ def load_checkpoint(
     scheduler: Any,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG states from `path`; return the trainer state (step, data
-    positions, ...). Every file is read and checked before anything is modified."""
+    positions, ...; "carry": the carried-state tensors if any). Every file is read and checked before anything is
+    modified."""
     path = Path(path)
     state = read_trainer_state(path)
     weights = read_weights(raw_model, path)
     try:
         optim_tensors = load_file(str(path / OPTIMIZER))
         rng_tensors = load_file(str(path / RNG))
+        carry = load_file(str(path / CARRY)) if (path / CARRY).is_file() else {}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: optimizer or RNG state is missing or corrupt: {error}") from error
     try:
@@ -206,4 +213,4 @@ def load_checkpoint(
         _set_rng_state(rng_tensors, state["rng"])
     except (KeyError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path} does not match this run's model or optimizer: {error}") from error
-    return state
+    return {**state, "carry": carry}

@@ -42,6 +42,8 @@ class DataConfig:
     """booksum: 'book' (abertsch/booksum-fullbooks schema) or 'chapter' (kmfoda/booksum schema)."""
     max_input_tokens: int = 32768
     """booksum: the document is truncated to this many tokens before the summary prompt."""
+    overfit_batches: int = 0
+    """Debugging: train on the first this many batches over and over (0: off)."""
 
 
 @dataclass
@@ -92,6 +94,10 @@ class TrainerConfig:
     ckpt_every: int = 500
     """Checkpoint every this many steps (and at the end, and on SIGTERM/SIGUSR1); 0: only at the end."""
     keep_last: int = 3
+    init_from: str | None = None
+    """Start from these weights instead of a random init: a model directory of ours (model.safetensors +
+    config.json) or a Hugging Face Llama directory (converted; new gates at model.gate_init). Ignored when
+    resuming."""
     resume: str = "auto"
     """auto (latest checkpoint in the run directory, else start fresh) | none | path to a checkpoint directory."""
     run_dir: str = "${hydra:runtime.output_dir}"

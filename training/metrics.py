@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def _init_wandb(cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any], na
     import wandb
 
     id_file = run_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(
         project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or name, tags=list(cfg.tags),

@@ -42,9 +42,12 @@ class Runtime:
 def init_runtime(cfg: TrainerConfig) -> Runtime:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU) and pick device and
     precision."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env = os.environ
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # SLURM tasks (hydra/launcher=slurm)
+        env = {"WORLD_SIZE": env["SLURM_NTASKS"], "RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"]}
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device={cfg.device!r} is not one of ('auto', 'cpu', 'cuda')")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -53,8 +56,8 @@ def init_runtime(cfg: TrainerConfig) -> Runtime:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if world_size > 1 and not dist.is_initialized():  # MASTER_ADDR / MASTER_PORT from torchrun or the launcher
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"trainer.precision={cfg.precision!r} is not one of ('auto', 'fp32', 'bf16')")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)

@@ -1,0 +1,68 @@
+"""The training and validation batch streams a DataConfig describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from data.stream import BatchStream
+from data.tokenizer import Tokenizer
+from training.config import DataConfig
+
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
+class RepeatBatches:
+    """Cycle through the first `count` batches of a stream (data.overfit_batches: can the loop fit them?)."""
+
+    def __init__(self, stream: BatchStream, count: int):
+        self.batches = [next(stream) for _ in range(count)]
+        self.position = 0
+
+    def __iter__(self) -> RepeatBatches:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "repeat", "count": len(self.batches), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int, validation: bool = False
+               ) -> BatchStream:
+    """The training stream of this rank (or, with validation=True, a disjoint stream for validation loss)."""
+    seed = cfg.seed + (VALIDATION_SEED_OFFSET if validation else 0)
+    if cfg.kind == "passkey":
+        from data.passkey import PasskeyBatches, PasskeyDataset
+
+        dataset = PasskeyDataset(tokenizer, cfg.seq_len, seed, cfg.passkey_digits,
+                                 (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on)
+        stream = PasskeyBatches(dataset, cfg.batch_size, rank, world_size)
+    elif cfg.kind in ("text", "booksum"):
+        if cfg.source is None:
+            raise ValueError(f"data.kind={cfg.kind!r} needs data.source (a hub dataset name or local files)")
+        split = cfg.val_split if validation and cfg.val_split is not None else cfg.split
+        if cfg.kind == "text":
+            from data.text import DocumentWindows, load_documents
+
+            documents = load_documents(cfg.source, split, cfg.text_field)
+            stream = DocumentWindows(documents, tokenizer, cfg.seq_len, cfg.batch_size, rank, world_size, seed,
+                                     text_field=cfg.text_field)
+        else:
+            from data.booksum import SummarizationBatches, load_booksum
+
+            examples = load_booksum(cfg.source, split, cfg.booksum_level)
+            stream = SummarizationBatches(examples, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_input_tokens,
+                                          rank, world_size, seed)
+    else:
+        raise ValueError(f"data.kind={cfg.kind!r} is not one of ('passkey', 'text', 'booksum')")
+    if cfg.overfit_batches > 0 and not validation:
+        return RepeatBatches(stream, cfg.overfit_batches)
+    return stream
