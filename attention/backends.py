@@ -50,14 +50,20 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    lead = q.shape[:-3]
+    # fold extra leading dims (segments) into the batch: SDPA's fused CPU/CUDA kernels take 4-D inputs only and
+    # fall back to the slow math path otherwise (~45x slower on CPU here)
+    q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (q, k, v))  # (B', h, T, D)
     tq, tk = q.shape[-2], k.shape[-2]
     gqa = q.shape[-3] != k.shape[-3]
     if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if tq == 1:  # one new query sees every key
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    mask = _bottom_right_mask(tq, tk, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif tq == 1:  # one new query sees every key
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    else:
+        mask = _bottom_right_mask(tq, tk, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.reshape(*lead, *out.shape[-3:])
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
