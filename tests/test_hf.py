@@ -162,13 +162,23 @@ def test_export_import_round_trip_is_exact(gqa_llama, tmp_path):
 
 def test_export_loads_in_transformers_with_equal_logits(gqa_llama, tmp_path):
     _, directory = gqa_llama
-    for scaling in ({"rope_scaling": "none"}, {"rope_scaling": "ntk", "rope_scaling_factor": 4.0}):
-        ours = from_hf(directory, {"segment_len": SEGMENT, **scaling}, preserve_original=True)
+    scalings = (
+        {"rope_scaling": "none"},
+        {"rope_scaling": "ntk", "rope_scaling_factor": 4.0},  # exported as plain RoPE with theta * s^(D/(D-2))
+        {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_original_max_position_embeddings": 32},
+        {"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_original_max_position_embeddings": 16,
+         "rope_yarn_beta_fast": 8.0},
+    )
+    x = tokens(48)
+    for scaling in scalings:
+        ours = from_hf(directory, {"segment_len": 48, **scaling}, preserve_original=True)
         out = tmp_path / scaling["rope_scaling"]
         to_hf(ours, out)
         exported = transformers.LlamaForCausalLM.from_pretrained(out).eval()
-        x = tokens(SEGMENT)
-        assert (logits_of(exported, x) - logits_of(ours, x)).abs().max() <= 1e-4
+        assert (logits_of(exported, x) - logits_of(ours, x)).abs().max() <= 1e-4, scaling
+        plain = from_hf(directory, {"segment_len": 48}, preserve_original=True)
+        if scaling["rope_scaling"] != "none":
+            assert (logits_of(plain, x) - logits_of(ours, x)).abs().max() > 1e-3  # the scaling is visible
 
 
 def test_sharded_checkpoint(tmp_path):
