@@ -92,6 +92,14 @@ def _rope_fields(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling": ROPE_TYPES_IN[rope_type]}
     if rope_type == "default":
         return out
+    try:
+        return _rope_scaling_fields(hf, params, rope_type, where, out)
+    except KeyError as error:
+        raise ConversionError(f"{where}: RoPE type {rope_type!r} needs the parameter {error.args[0]!r}") from None
+
+
+def _rope_scaling_fields(hf: Mapping[str, Any], params: Mapping[str, Any], rope_type: str, where: str,
+                         out: dict[str, Any]) -> dict[str, Any]:
     out["rope_scaling_factor"] = float(params["factor"])
     if rope_type in ("llama3", "yarn"):
         original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
@@ -144,9 +152,11 @@ def config_from_hf(hf: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     for key, (value, allowed) in unsupported.items():
         if value not in allowed:
             raise ConversionError(f"{where}: {key}={value!r} is not supported (only {list(allowed)})")
+
     def number(key: str, kind: type, default: Any = None) -> Any:
         value = hf.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or (kind is int and not float(value).is_integer()):
             raise ConversionError(f"{where}: {key}={value!r} must be {'an integer' if kind is int else 'a number'}")
         return kind(value)
 

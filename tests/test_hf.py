@@ -262,6 +262,8 @@ def test_wrong_shapes_are_listed(gqa_llama, tmp_path):
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ({"head_dim": 16}, "head_dim=16 differs from hidden_size / num_attention_heads"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "RoPE type 'dynamic'"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
+         "RoPE type 'llama3' needs the parameter 'low_freq_factor'"),
         ({"num_hidden_layers": None}, "num_hidden_layers=None must be an integer"),
         ({"num_hidden_layers": 0}, "n_layers must be a positive integer, got 0"),
     ],
@@ -339,3 +341,23 @@ def test_convert_checkpoint_needs_a_tokenizer(gqa_llama, tmp_path):
         convert_checkpoint(directory, tmp_path / "ours")
     convert_checkpoint(directory, tmp_path / "ours", tokenizer="byte")
     assert load_model(tmp_path / "ours")[1]["tokenizer"] == "byte"
+
+
+def test_command_line_import_and_export(gqa_llama, tmp_path, capsys):
+    from models.hf import main
+
+    _, directory = gqa_llama
+    main(["import", str(directory), str(tmp_path / "ours"), "--tokenizer", "byte", "--segment-len", "16",
+          "--memory-update", "delta", "--gate-init", "-2.5", "--set", "rope_scaling=linear",
+          "--set", "rope_scaling_factor=2"])
+    model, meta = load_model(tmp_path / "ours")
+    config = model.config
+    assert (config.segment_len, config.memory_update, config.gate_init, config.rope_scaling,
+            config.rope_scaling_factor) == (16, "delta", -2.5, "linear", 2.0)
+    assert torch.equal(model.layers[0].attention.gate_logit, torch.full((4,), -2.5))
+    assert meta["hf_config"]["model_type"] == "llama"
+    main(["export", str(tmp_path / "ours"), str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]["factor"] == 2.0
+    back = from_hf(tmp_path / "hf")
+    assert back.config == config
+    assert "wrote" in capsys.readouterr().out
