@@ -45,6 +45,8 @@ from models.transformer import Transformer
 log = logging.getLogger(__name__)
 
 METRICS = ("exact", "substring", "digit_accuracy")
+METRIC_NAMES = {"exact": "exact match of the first integer", "substring": "passkey as a substring",
+                "digit_accuracy": "digit-level accuracy"}
 NAMED_DEPTHS = {"start": 0.0, "middle": 0.5, "end": 1.0}
 
 _INTEGER = re.compile(r"\d+")
@@ -194,7 +196,7 @@ def save_heatmap(results: PasskeyResults, path: str | Path, metric: str = "exact
 def write_outputs(results: PasskeyResults, out_dir: str | Path, metric: str = "exact") -> dict[str, Path]:
     """passkey_trials.jsonl, passkey_summary.json, passkey_table.md and passkey_heatmap.png in out_dir."""
     out_dir = Path(out_dir)
-    table = f"Passkey retrieval, {metric} match, accuracy (%)\n\n{markdown_table(results, metric)}\n"
+    table = f"Passkey retrieval, {METRIC_NAMES[metric]} (%)\n\n{markdown_table(results, metric)}\n"
     paths = {
         "trials": write_jsonl(out_dir / "passkey_trials.jsonl", (asdict(t) for t in results.trials)),
         "summary": write_json(out_dir / "passkey_summary.json", results.summary()),

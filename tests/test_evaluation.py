@@ -240,3 +240,17 @@ def test_footprint_of_a_model_config():
     rows = footprints(setting)
     assert rows["infini (ours: memory only, per KV head)"] == 64 * 65 * 2 * 4
     assert rows["Infini-Transformer"] == 64 * 65 * 4 * 4  # the paper's formula counts query heads
+
+
+# ---------------------------------------------------------------- W&B sink
+
+
+def test_wandb_is_off_by_default_and_rejects_unknown_modes():
+    from evaluation.report import WandbLogger
+
+    logger = WandbLogger()
+    assert logger.mode == "disabled" and not logger.enabled
+    logger.log({"x": 1.0})  # a no-op, no wandb import, no network
+    logger.finish()
+    with pytest.raises(ValueError, match="'onlin'"):
+        WandbLogger("onlin")

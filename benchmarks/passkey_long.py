@@ -1,0 +1,154 @@
+"""Passkey retrieval at 32K, 128K and 1M tokens with a tiny random Infini-attention model on CPU: time and peak
+memory per length. Not a test: it prints a table and writes benchmarks/results/passkey_long.json.
+
+    python benchmarks/passkey_long.py                          # 32K, 128K, 1M; start / middle / end; 1 trial
+    python benchmarks/passkey_long.py --lengths 32768 1048576 --chunk-size 8192 --threads 2
+
+What it shows: the prompt is streamed through the model `chunk_size` tokens at a time carrying the state
+(compressive memory + the keys/values of the unfinished segment), so peak memory is set by the chunk, not by the
+prompt length. Each length runs in a fresh subprocess, and its peak resident set size is that process's own
+high-water mark (getrusage ru_maxrss = VmHWM), which counts everything: the Python interpreter, torch, the
+model, the prompt tokens and every activation. `baseline` is the resident size just before the evaluation
+starts (interpreter + torch + model); `peak - baseline` is what the evaluation itself added.
+
+The model is random (the accuracy column is expected to be ~0): this measures the machinery, not retrieval.
+Timings on a shared machine vary with its load (recorded in the JSON); memory does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "passkey_long.json"
+DEFAULT_LENGTHS = [32768, 131072, 1048576]
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One length in this (fresh) process; prints one JSON line."""
+    import torch
+
+    from data.tokenizer import ByteTokenizer
+    from evaluation.passkey import evaluate_passkey
+    from models import ModelConfig, Transformer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=256, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                         segment_len=args.segment_len, attention="infini", memory_update=args.memory_update,
+                         attention_backend="sdpa")
+    model = Transformer(config).eval()
+    baseline = rss_mib()
+    start = time.perf_counter()
+    results = evaluate_passkey(model, ByteTokenizer(), [args.length], args.depths, args.trials, seed=0,
+                               chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    prompts = len(results.trials)
+    print(json.dumps({
+        "length": args.length,
+        "prompts": prompts,
+        "seconds": seconds,
+        "seconds_per_prompt": seconds / prompts,
+        "prefill_tokens_per_second": args.length * prompts / seconds,
+        "baseline_rss_mib": baseline,
+        "peak_rss_mib": peak_rss_mib(),
+        "exact": results.mean("exact"),
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--trials", type=int, default=1)
+    parser.add_argument("--chunk-size", type=int, default=16384)
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--segment-len", type=int, default=1024)
+    parser.add_argument("--memory-update", default="linear", choices=("linear", "delta"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    shared = ["--depths", *map(str, args.depths), "--trials", str(args.trials), "--chunk-size",
+              str(args.chunk_size), "--max-new-tokens", str(args.max_new_tokens), "--dim", str(args.dim),
+              "--layers", str(args.layers), "--heads", str(args.heads), "--segment-len", str(args.segment_len),
+              "--memory-update", args.memory_update, "--threads", str(args.threads)]
+    load_before = os.getloadavg()[0]
+    rows = []
+    for length in args.lengths:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--length", str(length), *shared]
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if completed.returncode != 0:
+            sys.exit(f"length {length} failed:\n{completed.stderr}")
+        row = json.loads(completed.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{length:>8} tokens: {row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+
+    reference = rows[0]["peak_rss_mib"]
+    for row in rows:
+        row["peak_vs_first"] = row["peak_rss_mib"] / reference
+    print()
+    print(f"| length | prompts | time (s) | s / prompt | prefill tok/s | baseline RSS (MiB) | peak RSS (MiB) "
+          f"| peak - baseline (MiB) | peak / peak at {rows[0]['length']} |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['length']} | {row['prompts']} | {row['seconds']:.1f} | {row['seconds_per_prompt']:.1f} "
+              f"| {row['prefill_tokens_per_second']:,.0f} | {row['baseline_rss_mib']:.0f} | {row['peak_rss_mib']:.0f} "
+              f"| {row['peak_rss_mib'] - row['baseline_rss_mib']:.0f} | {row['peak_vs_first']:.3f} |")
+
+    import torch
+
+    payload = {
+        "benchmark": "passkey_long",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "threads": args.threads,
+                    # the machine is shared: a 1-minute load average above the core count means the timings
+                    # include waiting for a core (peak memory is unaffected)
+                    "load_average_1min_before_after": [load_before, os.getloadavg()[0]]},
+        "model": {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "segment_len": args.segment_len,
+                  "attention": "infini", "memory_update": args.memory_update, "vocab_size": 256,
+                  "tokenizer": "byte", "weights": "random (seed 0)"},
+        "settings": {"depths": args.depths, "trials": args.trials, "chunk_size": args.chunk_size,
+                     "max_new_tokens": args.max_new_tokens},
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
