@@ -166,8 +166,10 @@ class PasskeyDataset(Dataset):
 
     Example i is the prompt of length seq_len + 1 - len(answer) followed by the answer tokens, so the answer
     is the last thing predicted; tokens = example[:-1], targets = example[1:]. loss_on="answer" puts the loss
-    on the answer targets only (the fine-tuning recipe), "all" on every target. The depth is drawn uniformly
-    from `depth_range`, or from the grid `depths` when given.
+    on the answer targets only (the fine-tuning recipe), "all" on every target. answer_weight multiplies the
+    answer targets' loss_mask: with loss_on="all" the text around the needle trains the memory (filler repeats
+    across segments, so predicting it needs the memory) while the answer keeps a real share of the gradient.
+    The depth is drawn uniformly from `depth_range`, or from the grid `depths` when given.
     """
 
     def __init__(
@@ -179,9 +181,12 @@ class PasskeyDataset(Dataset):
         depth_range: tuple[float, float] = (0.0, 1.0),
         depths: Sequence[float] | None = None,
         loss_on: str = "answer",
+        answer_weight: float = 1.0,
     ):
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+        if not answer_weight > 0:
+            raise ValueError(f"answer_weight must be positive, got {answer_weight!r}")
         low, high = depth_range
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"depth_range must satisfy 0 <= low <= high <= 1, got {depth_range}")
@@ -195,6 +200,7 @@ class PasskeyDataset(Dataset):
         self.depth_range = (low, high)
         self.depths = list(depths) if depths is not None else None
         self.loss_on = loss_on
+        self.answer_weight = answer_weight
         self.prompt(0)  # fail now, with the minimum length, if seq_len is too short
 
     def prompt(self, index: int) -> PasskeyPrompt:
@@ -213,6 +219,8 @@ class PasskeyDataset(Dataset):
         example = prompt.tokens + prompt.answer_tokens  # (T + 1,)
         loss_from = len(prompt.tokens) if self.loss_on == "answer" else 1
         tokens, targets, loss_mask = shift_and_pad(example, self.seq_len, self.tokenizer.pad_id, loss_from)
+        if self.answer_weight != 1.0:  # the answer targets are the last len(answer) positions
+            loss_mask[len(prompt.tokens) - 1 : len(example) - 1] *= self.answer_weight
         return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
 
 

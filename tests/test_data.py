@@ -669,3 +669,18 @@ def test_summarization_batches_resume_and_rank_split() -> None:
     assert sorted(seen) == sorted(f"summary {i}{r}" for i in range(4) for r in "ab")  # disjoint and complete
     with pytest.raises(ValueError, match="max_input_tokens"):
         SummarizationBatches(examples, tok, seq_len=16, batch_size=1, max_input_tokens=17)
+
+
+def test_passkey_dataset_answer_weight_scales_only_the_answer_targets():
+    tokenizer = ByteTokenizer()
+    plain = PasskeyDataset(tokenizer, 512, seed=3, loss_on="all")
+    weighted = PasskeyDataset(tokenizer, 512, seed=3, loss_on="all", answer_weight=20.0)
+    n_answer = len(weighted.prompt(0).answer_tokens)
+    mask = weighted[0]["loss_mask"]
+    assert torch.equal(weighted[0]["tokens"], plain[0]["tokens"])
+    assert mask[-n_answer:].tolist() == [20.0] * n_answer
+    assert torch.equal(mask[:-n_answer], plain[0]["loss_mask"][:-n_answer])
+    answer_only = PasskeyDataset(tokenizer, 512, seed=3, loss_on="answer", answer_weight=2.0)[0]["loss_mask"]
+    assert answer_only.sum() == 2.0 * n_answer and answer_only[:-n_answer].sum() == 0
+    with pytest.raises(ValueError, match="answer_weight must be positive"):
+        PasskeyDataset(tokenizer, 512, seed=3, answer_weight=0.0)

@@ -31,6 +31,8 @@ class DataConfig:
     passkey_depth_max: float = 1.0
     loss_on: str = "answer"
     """passkey: 'answer' (loss on the passkey tokens only) or 'all' (every token)."""
+    answer_weight: float = 1.0
+    """passkey: weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
     # text and booksum
     source: str | None = None
     """Hub dataset name (e.g. deepmind/pg19) or local file / directory / glob (.txt, .jsonl, .parquet)."""

@@ -43,7 +43,8 @@ def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int
         from data.passkey import PasskeyBatches, PasskeyDataset
 
         dataset = PasskeyDataset(tokenizer, cfg.seq_len, seed, cfg.passkey_digits,
-                                 (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on)
+                                 (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on,
+                                 answer_weight=cfg.answer_weight)
         stream = PasskeyBatches(dataset, cfg.batch_size, rank, world_size)
     elif cfg.kind in ("text", "booksum"):
         if cfg.source is None:
