@@ -68,19 +68,6 @@ class GenerationConfig:
             raise ValueError("GenerationConfig: sampling with num_beams > 1 is not supported; choose one")
 
 
-def _hidden(model: Transformer, tokens: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
-    """The decoder stack of Transformer.forward without the output projection: (B, T) -> (B, T, dim), state.
-    Kept in step with Transformer.forward by tests/test_generation.py."""
-    if state is not None and len(state) != len(model.layers):
-        raise ValueError(f"state has {len(state)} layers, the model {len(model.layers)}")
-    h = model.tok_embeddings(tokens)  # (B, T, dim)
-    new_state = []
-    for i, layer in enumerate(model.layers):
-        h, layer_state = layer(h, None if state is None else state[i])
-        new_state.append(layer_state)
-    return h, tuple(new_state)
-
-
 @torch.no_grad()
 def prefill(
     model: Transformer, tokens: Tensor, state: ModelState | None = None, chunk_size: int = 4096
@@ -93,9 +80,9 @@ def prefill(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     tokens = tokens.to(model.tok_embeddings.weight.device)
     for start in range(0, tokens.shape[1], chunk_size):
-        h, state = _hidden(model, tokens[:, start : start + chunk_size], state)
+        h, state = model.hidden(tokens[:, start : start + chunk_size], state)
     last = h[:, -1:]  # (B, 1, dim)
-    return model.output(model.norm(last))[:, 0].float(), state
+    return model.logits(last)[:, 0].float(), state
 
 
 def sampling_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:

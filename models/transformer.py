@@ -79,8 +79,10 @@ class Transformer(nn.Module):
         device = device or self.tok_embeddings.weight.device
         return tuple(layer.attention.empty_state(batch, device, dtype) for layer in self.layers)
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None) -> TransformerOutput:
-        """tokens: (B, T) int64. state: None for a fresh stream, else the state returned by the previous call."""
+    def hidden(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """The decoder stack without the output projection: tokens (B, T) -> final hidden states (B, T, dim),
+        before the final norm, and the new state. Prefill projects only the last position; a chunked loss
+        projects a slice at a time."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         if state is not None and len(state) != len(self.layers):
@@ -90,7 +92,16 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h, layer_state = layer(h, None if state is None else state[i])
             new_state.append(layer_state)
-        return TransformerOutput(self.output(self.norm(h)), tuple(new_state))
+        return h, tuple(new_state)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Hidden states (..., dim) -> logits (..., vocab_size)."""
+        return self.output(self.norm(h))
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None) -> TransformerOutput:
+        """tokens: (B, T) int64. state: None for a fresh stream, else the state returned by the previous call."""
+        h, new_state = self.hidden(tokens, state)
+        return TransformerOutput(self.logits(h), new_state)
 
     def gates(self) -> Tensor | None:
         """sigmoid(beta): (n_layers, n_heads) share of memory in each head's output, or None without memory."""
