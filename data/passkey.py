@@ -32,6 +32,7 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 SEPARATOR = "\n"
 LOSS_ON = ("answer", "all")
+ANSWER = " {key}."  # the continuation of QUESTION, as in the needle
 
 
 @dataclass
@@ -42,7 +43,9 @@ class PasskeyPrompt:
     """The prompt, exactly the requested length, instruction and question included."""
     passkey: str
     answer_tokens: list[int]
-    """Tokens of " " + passkey: what greedy decoding after the question should produce."""
+    """Tokens of " {passkey}." (ANSWER): what greedy decoding after the question should produce. The period
+    ends the answer as it ends the needle's "The pass key is {key}."; a model trained on it stops after the key
+    instead of running on with digits (the exact score reads the first integer of the decoded text)."""
     depth: float
     """Requested fraction of the filler placed before the needle (0: right after the instruction)."""
     needle_start: int
@@ -110,7 +113,7 @@ class PasskeyTemplate:
         return PasskeyPrompt(
             tokens=tokens,
             passkey=passkey,
-            answer_tokens=self.tokenizer.encode(" " + passkey),
+            answer_tokens=self.tokenizer.encode(ANSWER.format(key=passkey)),
             depth=depth,
             needle_start=len(head),
             needle_end=len(head) + len(needle),
@@ -210,7 +213,7 @@ class PasskeyDataset(Dataset):
         rng = derived_rng("passkey-train", int(self.seed), int(index))
         passkey = random_passkey(rng, self.digits)
         depth = rng.choice(self.depths) if self.depths is not None else rng.uniform(*self.depth_range)
-        answer_len = len(self.tokenizer.encode(" " + passkey))
+        answer_len = len(self.tokenizer.encode(ANSWER.format(key=passkey)))
         return self.template.prompt(self.seq_len + 1 - answer_len, depth, passkey)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:

@@ -203,7 +203,7 @@ def test_byte_prompt_is_exactly_the_landmark_text() -> None:
         assert tok.decode(prompt.tokens) == expected
         assert prompt.needle_start == len(INSTRUCTION) + 1 + before + 1
         assert prompt.needle_end == prompt.needle_start + len(needle)
-        assert prompt.answer_tokens == list(b" 48213")
+        assert prompt.answer_tokens == list(b" 48213.")
 
 
 @pytest.mark.parametrize("extra", [0, 1, 7, 250, 3001])
@@ -218,7 +218,7 @@ def test_prompt_length_is_token_exact(tokenizer: Tokenizer, extra: int, depth: f
     assert prompt.tokens[prompt.needle_start : prompt.needle_end] == needle
     assert prompt.tokens[: len(template.instruction)] == tokenizer.encode(INSTRUCTION)
     assert prompt.tokens[-len(template.question) :] == tokenizer.encode(QUESTION)
-    assert prompt.answer_tokens == tokenizer.encode(" " + key)
+    assert prompt.answer_tokens == tokenizer.encode(" " + key + ".")
     text = tokenizer.decode(prompt.tokens)
     assert text.startswith(INSTRUCTION + "\n")
     assert "\n" + NEEDLE.format(key=key) + "\n" in text
@@ -301,14 +301,14 @@ def test_passkey_dataset_examples_are_deterministic_with_exact_masks() -> None:
     example = dataset[5]
     assert torch.equal(example["tokens"], PasskeyDataset(tok, seq_len=300, seed=3)[5]["tokens"])
     prompt = dataset.prompt(5)
-    assert len(prompt.tokens) == 300 + 1 - 6  # " " + 5 digits
+    assert len(prompt.tokens) == 300 + 1 - 7  # " " + 5 digits + "."
     full = prompt.tokens + prompt.answer_tokens
     assert example["tokens"].tolist() == full[:-1]
     assert example["targets"].tolist() == full[1:]
-    assert example["loss_mask"].tolist() == [0.0] * 294 + [1.0] * 6
-    assert tok.decode(example["targets"][-6:].tolist()) == " " + prompt.passkey
-    assert tok.decode(example["tokens"][:295].tolist()).endswith("\n" + QUESTION)  # the first masked target's
-    assert tok.decode(example["tokens"][294:].tolist()) == "s " + prompt.passkey[:4]  # input ends the question
+    assert example["loss_mask"].tolist() == [0.0] * 293 + [1.0] * 7
+    assert tok.decode(example["targets"][-7:].tolist()) == " " + prompt.passkey + "."
+    assert tok.decode(example["tokens"][:294].tolist()).endswith("\n" + QUESTION)  # the first masked target's
+    assert tok.decode(example["tokens"][293:].tolist()) == "s " + prompt.passkey  # input ends the question
     everywhere = PasskeyDataset(tok, seq_len=300, seed=3, loss_on="all")[5]
     assert everywhere["loss_mask"].tolist() == [1.0] * 300
     assert torch.equal(everywhere["tokens"], example["tokens"])
