@@ -228,15 +228,22 @@ class PasskeyDataset(Dataset):
 
 
 class PasskeyBatches:
-    """BatchStream over a PasskeyDataset: step n of rank r holds examples (n*world_size + r)*batch_size + j.
+    """BatchStream over one PasskeyDataset, or a mixture of them with different seq_len.
 
-    Ranks see disjoint examples and one process with world_size=1 sees them all in order. Every row is a
-    fresh prompt, so new_document is always True. The state is the step, identical on every rank.
+    Step n of rank r holds examples (n*world_size + r)*batch_size + j, so ranks see disjoint examples and one
+    process with world_size=1 sees them all in order. With several datasets, step n draws its dataset (so its
+    sequence length) from a generator seeded by (seed, n): identical on every rank and after a resume. Short
+    sequences put the needle a segment or two before the question, which bootstraps retrieval through the
+    memory; long ones teach it to survive filler. Every row is a fresh prompt, so new_document is always True.
+    The state is the step, identical on every rank.
     """
 
-    def __init__(self, dataset: PasskeyDataset, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset: PasskeyDataset | Sequence[PasskeyDataset], batch_size: int, rank: int = 0,
+                 world_size: int = 1):
         check_rank(batch_size, rank, world_size)
-        self.dataset = dataset
+        self.datasets = [dataset] if isinstance(dataset, PasskeyDataset) else list(dataset)
+        if not self.datasets:
+            raise ValueError("PasskeyBatches needs at least one dataset")
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -247,11 +254,18 @@ class PasskeyBatches:
         start = (step * self.world_size + self.rank) * self.batch_size
         return range(start, start + self.batch_size)
 
+    def dataset_at(self, step: int) -> PasskeyDataset:
+        """The dataset (sequence length) of `step`."""
+        if len(self.datasets) == 1:
+            return self.datasets[0]
+        return self.datasets[derived_rng("passkey-length", self.datasets[0].seed, step).randrange(len(self.datasets))]
+
     def __iter__(self) -> PasskeyBatches:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        rows = [self.dataset[i] for i in self.example_indices(self.step)]
+        dataset = self.dataset_at(self.step)
+        rows = [dataset[i] for i in self.example_indices(self.step)]
         self.step += 1
         return {
             "tokens": torch.stack([row["tokens"] for row in rows]),  # (B, T)
@@ -261,8 +275,9 @@ class PasskeyBatches:
         }
 
     def _config(self) -> dict[str, Any]:
+        seq_lens = [d.seq_len for d in self.datasets]
         return {"kind": "passkey", "batch_size": self.batch_size, "world_size": self.world_size,
-                "seq_len": self.dataset.seq_len, "seed": self.dataset.seed}
+                "seq_len": seq_lens[0] if len(seq_lens) == 1 else seq_lens, "seed": self.datasets[0].seed}
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._config(), "step": self.step}
@@ -270,4 +285,3 @@ class PasskeyBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_config("PasskeyBatches", state, self._config())
         self.step = int(state["step"])
-

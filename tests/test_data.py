@@ -684,3 +684,26 @@ def test_passkey_dataset_answer_weight_scales_only_the_answer_targets():
     assert answer_only.sum() == 2.0 * n_answer and answer_only[:-n_answer].sum() == 0
     with pytest.raises(ValueError, match="answer_weight must be positive"):
         PasskeyDataset(tokenizer, 512, seed=3, answer_weight=0.0)
+
+
+def test_passkey_length_mix_is_per_step_identical_across_ranks_and_resumable():
+    tokenizer = ByteTokenizer()
+    datasets = [PasskeyDataset(tokenizer, length, seed=5) for length in (256, 320, 384)]
+    ranks = [PasskeyBatches(datasets, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    lengths = [[next(stream)["tokens"].shape[1] for _ in range(30)] for stream in ranks]
+    assert lengths[0] == lengths[1]  # every rank runs the same length at the same step
+    assert set(lengths[0]) == {256, 320, 384}
+    assert lengths[0] == [ranks[0].dataset_at(step).seq_len for step in range(30)]
+    single = PasskeyBatches(datasets[1], batch_size=2)
+    assert {next(single)["tokens"].shape[1] for _ in range(5)} == {320}
+    stream = PasskeyBatches(datasets, batch_size=2)
+    for _ in range(4):
+        next(stream)
+    state = json.loads(json.dumps(stream.state_dict()))
+    expected = [next(stream) for _ in range(3)]
+    resumed = PasskeyBatches(datasets, batch_size=2)
+    resumed.load_state_dict(state)
+    for batch, again in zip(expected, (next(resumed) for _ in range(3))):
+        assert all(torch.equal(batch[k], again[k]) for k in batch)
+    with pytest.raises(ValueError, match="different configuration"):
+        PasskeyBatches(datasets[:2], batch_size=2).load_state_dict(state)

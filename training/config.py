@@ -31,6 +31,9 @@ class DataConfig:
     passkey_depth_max: float = 1.0
     loss_on: str = "answer"
     """passkey: 'answer' (loss on the passkey tokens only) or 'all' (every token)."""
+    seq_len_mix: list[int] = field(default_factory=list)
+    """passkey: each step's sequence length is drawn uniformly from these (a length curriculum by mixture);
+    empty: always seq_len. The validation stream and the evaluation's "training length" use seq_len."""
     answer_weight: float = 1.0
     """passkey: weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
     # text and booksum

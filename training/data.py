@@ -42,10 +42,11 @@ def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int
     if cfg.kind == "passkey":
         from data.passkey import PasskeyBatches, PasskeyDataset
 
-        dataset = PasskeyDataset(tokenizer, cfg.seq_len, seed, cfg.passkey_digits,
-                                 (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on,
-                                 answer_weight=cfg.answer_weight)
-        stream = PasskeyBatches(dataset, cfg.batch_size, rank, world_size)
+        lengths = cfg.seq_len_mix if cfg.seq_len_mix and not validation else [cfg.seq_len]
+        datasets = [PasskeyDataset(tokenizer, length, seed, cfg.passkey_digits,
+                                   (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on,
+                                   answer_weight=cfg.answer_weight) for length in lengths]
+        stream = PasskeyBatches(datasets, cfg.batch_size, rank, world_size)
     elif cfg.kind in ("text", "booksum"):
         if cfg.source is None:
             raise ValueError(f"data.kind={cfg.kind!r} needs data.source (a hub dataset name or local files)")
