@@ -349,7 +349,8 @@ def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_b
                   runtime: Runtime) -> dict[str, float]:
     from evaluation.passkey import evaluate_passkey
 
-    metrics = {"val/loss": validation_loss(module, val_batches, runtime)}
+    loss = validation_loss(module, val_batches, runtime)
+    metrics = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
     e = cfg.evaluation
     if e.passkey_lengths and e.passkey_trials > 0:
         was_training = model.training

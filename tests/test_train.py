@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -100,6 +101,14 @@ def test_smoke_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     model, meta = load_model(latest_checkpoint(tmp_path))
     assert meta["train_config"]["model"]["dim"] == 32 and meta["step"] == 3
     assert model.config.n_kv_heads == 1
+
+
+def test_periodic_evaluation_logs_validation_and_passkey(tmp_path):
+    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2", "evaluation.passkey_lengths=[256]",
+                      "evaluation.passkey_depths=[0.5]", "evaluation.passkey_trials=1"))
+    (record,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
+    assert record["step"] == 2 and record["val/perplexity"] == pytest.approx(math.exp(record["val/loss"]))
+    assert record["val/passkey_exact"] in (0.0, 1.0) and "val/passkey_exact/256" in record
 
 
 def test_overfitting_one_batch(tmp_path):
