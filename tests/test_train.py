@@ -386,3 +386,25 @@ def test_multirun_with_the_local_submitit_launcher(tmp_path):
 def test_cli_reports_an_unknown_key(tmp_path):
     result = run_train_cli("debug=smoke", "trainer.max_stepz=3", cwd=tmp_path, timeout=120)
     assert result.returncode != 0 and "max_stepz" in result.stderr
+
+
+def test_init_from_a_hugging_face_llama_directory(tmp_path):
+    """Continued pre-training: trainer.init_from converts a local Llama checkpoint; with lr 0 the trained model
+    keeps exactly the converted weights, and a mismatched architecture is named."""
+    transformers = pytest.importorskip("transformers")
+    from models.hf import from_hf
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    shape = ["model.ffn_dim=64", "model.norm_eps=1e-5", "optim.lr=0", "optim.warmup_steps=1",
+             f"trainer.init_from={tmp_path / 'llama'}"]
+    train.train(smoke(tmp_path / "run", *shape, "trainer.max_steps=1", "model.gate_init=-20"))
+    trained, _ = load_model(latest_checkpoint(tmp_path / "run"))
+    converted = from_hf(tmp_path / "llama", {"segment_len": 64, "gate_init": -20.0})
+    for name, tensor in converted.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="dim"):
+        train.train(smoke(tmp_path / "bad", *shape, "model.dim=64"))
