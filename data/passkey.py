@@ -173,6 +173,12 @@ class PasskeyDataset(Dataset):
     answer targets' loss_mask: with loss_on="all" the text around the needle trains the memory (filler repeats
     across segments, so predicting it needs the memory) while the answer keeps a real share of the gradient.
     The depth is drawn uniformly from `depth_range`, or from the grid `depths` when given.
+
+    length_jitter: each prompt is shorter by a random 0..length_jitter tokens (padding after the answer, no
+    loss). Why: evaluation prompts have lengths like 2^k, multiples of the segment length, so the answer starts
+    a new segment and the question is reachable only through the memory. Without jitter every training answer
+    sits at the same offset, right after the question in the same segment, and a model never learns to answer
+    from memory alone at a segment boundary. A jitter of one segment length covers every offset.
     """
 
     def __init__(
@@ -185,11 +191,14 @@ class PasskeyDataset(Dataset):
         depths: Sequence[float] | None = None,
         loss_on: str = "answer",
         answer_weight: float = 1.0,
+        length_jitter: int = 0,
     ):
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
         if not answer_weight > 0:
             raise ValueError(f"answer_weight must be positive, got {answer_weight!r}")
+        if length_jitter < 0:
+            raise ValueError(f"length_jitter must be >= 0, got {length_jitter!r}")
         low, high = depth_range
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"depth_range must satisfy 0 <= low <= high <= 1, got {depth_range}")
@@ -204,7 +213,10 @@ class PasskeyDataset(Dataset):
         self.depths = list(depths) if depths is not None else None
         self.loss_on = loss_on
         self.answer_weight = answer_weight
+        self.length_jitter = length_jitter
         self.prompt(0)  # fail now, with the minimum length, if seq_len is too short
+        longest_answer = len(tokenizer.encode(ANSWER.format(key="9" * digits)))
+        self.template.prompt(seq_len + 1 - longest_answer - length_jitter, 0.0, "9" * digits)  # ... or the jitter
 
     def prompt(self, index: int) -> PasskeyPrompt:
         """The prompt of example `index` (its passkey, depth and needle position)."""
@@ -214,7 +226,8 @@ class PasskeyDataset(Dataset):
         passkey = random_passkey(rng, self.digits)
         depth = rng.choice(self.depths) if self.depths is not None else rng.uniform(*self.depth_range)
         answer_len = len(self.tokenizer.encode(ANSWER.format(key=passkey)))
-        return self.template.prompt(self.seq_len + 1 - answer_len, depth, passkey)
+        shorter = rng.randrange(self.length_jitter + 1) if self.length_jitter else 0
+        return self.template.prompt(self.seq_len + 1 - answer_len - shorter, depth, passkey)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """tokens (T,) int64, targets (T,) int64, loss_mask (T,) float32 of example `index`."""

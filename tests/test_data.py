@@ -707,3 +707,23 @@ def test_passkey_length_mix_is_per_step_identical_across_ranks_and_resumable():
         assert all(torch.equal(batch[k], again[k]) for k in batch)
     with pytest.raises(ValueError, match="different configuration"):
         PasskeyBatches(datasets[:2], batch_size=2).load_state_dict(state)
+
+
+def test_passkey_length_jitter_moves_the_answer_across_segment_offsets():
+    tokenizer = ByteTokenizer()
+    plain = PasskeyDataset(tokenizer, 512, seed=2)
+    jittered = PasskeyDataset(tokenizer, 512, seed=2, length_jitter=64)
+    ends = set()
+    for i in range(800):
+        prompt, example = jittered.prompt(i), jittered[i]
+        n = len(prompt.tokens)
+        assert 512 + 1 - 7 - 64 <= n <= 512 + 1 - 7
+        assert prompt.passkey == plain.prompt(i).passkey and prompt.depth == plain.prompt(i).depth
+        answer = example["loss_mask"].nonzero().flatten().tolist()
+        assert answer == list(range(n - 1, n + 6))  # the 7 answer targets, right after the prompt
+        assert tokenizer.decode(example["targets"][n - 1 : n + 6].tolist()) == f" {prompt.passkey}."
+        assert example["tokens"][n + 6 :].eq(0).all()  # padding after the answer
+        ends.add(n % 64)
+    assert len(ends) == 64  # the answer starts at every offset of a 64-token segment, boundary included
+    with pytest.raises(ValueError, match="minimum"):
+        PasskeyDataset(tokenizer, 260, seed=2, length_jitter=64)

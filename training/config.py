@@ -34,6 +34,9 @@ class DataConfig:
     seq_len_mix: list[int] = field(default_factory=list)
     """passkey: each step's sequence length is drawn uniformly from these (a length curriculum by mixture);
     empty: always seq_len. The validation stream and the evaluation's "training length" use seq_len."""
+    passkey_length_jitter: int = 0
+    """passkey: prompts are shorter by a random 0..this many tokens (padded after the answer), so answers start
+    at every offset within a segment, including on a segment boundary as in evaluation; use model.segment_len."""
     answer_weight: float = 1.0
     """passkey: weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
     # text and booksum

@@ -45,7 +45,8 @@ def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int
         lengths = cfg.seq_len_mix if cfg.seq_len_mix and not validation else [cfg.seq_len]
         datasets = [PasskeyDataset(tokenizer, length, seed, cfg.passkey_digits,
                                    (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on,
-                                   answer_weight=cfg.answer_weight) for length in lengths]
+                                   answer_weight=cfg.answer_weight, length_jitter=cfg.passkey_length_jitter)
+                    for length in lengths]
         stream = PasskeyBatches(datasets, cfg.batch_size, rank, world_size)
     elif cfg.kind in ("text", "booksum"):
         if cfg.source is None:
