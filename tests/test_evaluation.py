@@ -27,15 +27,6 @@ from evaluation.rouge import RougeScorer, aggregate, geometric_mean, split_sente
 from models import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP's waits between threads made
-    each op of these tests up to 70x slower (measured). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     base = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, segment_len=16,
                 attention="infini", attention_backend="sdpa")

@@ -24,15 +24,6 @@ from models.transformer import Transformer
 SEGMENT = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's spinning threads
-    made this file up to 40x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_model(attention="infini", memory_update="linear", vocab_size=48, seed=0, **kw) -> Transformer:
     torch.manual_seed(seed)

@@ -25,15 +25,6 @@ transformers = pytest.importorskip("transformers")
 SEGMENT = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's spinning threads
-    made this file up to 40x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def make_llama(directory: Path, seed: int = 0, model_class: str = "LlamaForCausalLM", **overrides):
     """Save a tiny random Llama-family model; every weight perturbed (norms away from 1) so a swapped or

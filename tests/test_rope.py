@@ -17,15 +17,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 HEAD_DIM, THETA = 64, 500000.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's spinning threads
-    made this file up to 40x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def hf_inv_freq(rope_parameters: dict) -> tuple[torch.Tensor, float]:
     """transformers' inverse frequencies and attention factor for a Llama with head_dim 64."""
