@@ -2,6 +2,8 @@
 a table and writes benchmarks/results/generation_memory.json.
 
     python benchmarks/generation_memory.py                         # infini, dim 256 x 4 layers; 4K, 16K, 64K
+                                                                   # (chunk 1024: every length runs several chunks,
+                                                                   # so the allocator's creep is in both peaks)
     python benchmarks/generation_memory.py --dim 64 --layers 2 --segment-len 1024 --lengths 4096 65536 1048576 \
         --output benchmarks/results/generation_memory_1m.json     # a 1M-token prompt with a smaller model
     python benchmarks/generation_memory.py --attention full --dim 64 --layers 2 --chunk-size 1024 \
@@ -115,9 +117,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--segment-len", type=int, default=2048)
-    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--allocators", nargs="+", choices=sorted(ALLOCATORS), default=["default", "pinned"])
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)  # worker mode: one length, JSON to stdout
