@@ -12,32 +12,45 @@ the body's segments run as one batched attention call and one batched memory com
 RoPE positions restart at 0 in every segment. RoPE is relative, so this equals absolute positions for the
 segment-local attention, and it keeps the rotation angles below N however long the stream grows.
 
+Layout (what the measurements in benchmarks/ asked for). Projections stay in the linear layer's output layout,
+time-major (B, T, h, D), and are passed around as (B, h, T, D) *views*. S complete segments of a time-major
+tensor are then the view (B*S, h, N, D) that SDPA and flash-attn read without a copy, and the attention output,
+time-major too, reshapes to (B, T, H*D) for the output projection without a copy. Only the memory path, which
+batches over heads and segments, makes head-major copies (sigma(Q), sigma(K), [V | 1]). On CPU a copy is not
+just a pass over memory: every new tensor above glibc's mmap threshold is fresh pages, so the number and size of
+temporaries decides much of the step time.
+
 Shape legend: B batch, T new tokens, L cached tokens, P = L + T, H query heads, Hkv key/value heads,
 G = H / Hkv, S segments, N segment length, D head dim.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention.backends import causal_attention
 from attention.memory import (
+    EPS,
     Memory,
-    delta_update,
-    feature_map,
-    linear_update,
+    augment,
+    feature_map_contiguous,
     memory_dtype,
-    retrieve,
-    segment_memories,
+    prefix_memories,
+    split_augmented,
+    with_ones,
 )
 
-Rope = Callable[[Tensor, Tensor], Tensor]  # (x (..., T, D), positions (T,)) -> rotated x
+
+class Rope(Protocol):
+    """What the layers need from RoPE (models.rope.RotaryEmbedding): rotate x (..., n, D) to positions
+    start .. start + n - 1."""
+
+    def rotate(self, x: Tensor, start: int = 0) -> Tensor: ...
+
+
 MEMORY_UPDATES = ("linear", "delta")
 
 
@@ -60,9 +73,26 @@ def split_at_boundary(cached: int, new: int, segment_len: int | None) -> tuple[i
     return head, new - head
 
 
-def _pad_time(x: Tensor, length: int) -> Tensor:
-    """Zero-pad dim -2 (time) of x up to `length`."""
-    return F.pad(x, (0, 0, 0, length - x.shape[-2]))
+def _as_segments(x: Tensor, count: int, N: int) -> Tensor:
+    """(B, h, count*N, D) -> (B*count, h, N, D), segments folded into the batch. A view when x is time-major
+    (the projections), a copy otherwise."""
+    B, h, _, D = x.shape
+    return x.transpose(1, 2).reshape(B * count, N, h, D).transpose(1, 2)
+
+
+def _time_spans(T: int, L: int, segment_len: int | None) -> list[tuple[int, int, int]]:
+    """The new tokens' pieces: (start, stop, segments) in new-token coordinates. The head completes the cached
+    segment (segments 0: one causal call over cached + new keys), then whole segments batched (segments S > 0),
+    then a last partial segment (segments 0, no cache)."""
+    head, body = split_at_boundary(L, T, segment_len)
+    spans = [(0, head, 0)] if head else []
+    if body:
+        S, rest = divmod(body, segment_len)
+        if S:
+            spans.append((head, head + S * segment_len, S))
+        if rest:
+            spans.append((T - rest, T, 0))
+    return spans
 
 
 def segmented_causal_attention(
@@ -71,66 +101,68 @@ def segmented_causal_attention(
     """Causal softmax attention restricted to each query's own segment (the paper's A_dot).
 
     q: (B, H, T, D) un-rotated queries of the new tokens; keys, values: (B, Hkv, P, D) un-rotated, the cached
-    tokens of the current segment first. Returns (B, H, T, D).
+    tokens of the current segment first. Returns (B, H, T, D), time-major in memory (a transposed view of
+    (B, T, H, D)).
     """
     B, H, T, D = q.shape
-    P = keys.shape[2]
-    L = P - T
-    head, body = split_at_boundary(L, T, segment_len)
+    L = keys.shape[2] - T
     outputs = []
-    if head:
-        n = L + head
-        positions = torch.arange(n, device=q.device)
-        q_head = rope(q[:, :, :head], positions[L:])
-        k_head = rope(keys[:, :, :n], positions)
-        outputs.append(causal_attention(q_head, k_head, values[:, :, :n], backend))  # (B, H, head, D)
-    if body:
-        N = segment_len
-        S = math.ceil(body / N)
-        Hkv = keys.shape[1]
-        # (B, h, S*N, D) -> (B, h, S, N, D) -> (B, S, h, N, D): segments become a batch dimension; zero padding
-        # sits after every real query of the last segment, so the causal mask hides it.
-        q_body = _pad_time(q[:, :, head:], S * N).view(B, H, S, N, D).transpose(1, 2)
-        k_body = _pad_time(keys[:, :, L + head :], S * N).view(B, Hkv, S, N, D).transpose(1, 2)
-        v_body = _pad_time(values[:, :, L + head :], S * N).view(B, Hkv, S, N, D).transpose(1, 2)
-        positions = torch.arange(N, device=q.device)
-        out = causal_attention(rope(q_body, positions), rope(k_body, positions), v_body, backend)  # (B,S,H,N,D)
-        outputs.append(out.transpose(1, 2).reshape(B, H, S * N, D)[:, :, :body])
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    for start, stop, S in _time_spans(T, L, segment_len):
+        if S:  # S whole segments as one batched call; positions restart in every segment
+            N = segment_len
+            k_seg = keys[:, :, L + start : L + stop]
+            v_seg = values[:, :, L + start : L + stop]
+            q_rot = rope.rotate(_as_segments(q[:, :, start:stop], S, N))  # (B*S, H, N, D)
+            out = causal_attention(q_rot, rope.rotate(_as_segments(k_seg, S, N)), _as_segments(v_seg, S, N),
+                                   backend)  # (B*S, H, N, D)
+            outputs.append(out.transpose(1, 2).reshape(B, stop - start, H, D))
+        else:  # one segment: the queries are the last positions of its keys (the cached ones first)
+            first = 0 if start == 0 else L + start  # its segment's first key (cached tokens belong to the head)
+            k_seg, v_seg = keys[:, :, first : L + stop], values[:, :, first : L + stop]
+            q_rot = rope.rotate(q[:, :, start:stop], start=L + start - first)
+            out = causal_attention(q_rot, rope.rotate(k_seg), v_seg, backend)  # (B, H, stop - start, D)
+            outputs.append(out.transpose(1, 2))
+    a = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, T, H, D)
+    return a.transpose(1, 2)
 
 
 def segmented_memory_retrieval(
-    sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Memory, segment_len: int, update: str
-) -> tuple[Tensor, Memory]:
+    q: Tensor, keys: Tensor, values: Tensor, memory: Memory, segment_len: int, update: str
+) -> tuple[Tensor, Tensor, Memory]:
     """Each query reads the memory as it stood before its segment (3); complete segments are written (4)/(5).
 
-    sigma_q: (B, H, T, Dk) of the new tokens; sigma_k: (B, Hkv, P, Dk) and values: (B, Hkv, P, Dv) of the
-    cached + new tokens; all float32. Returns A_mem (B, H, T, Dv) and the memory after every complete segment.
+    q: (B, H, T, Dk) un-rotated queries of the new tokens; keys: (B, Hkv, P, Dk) and values: (B, Hkv, P, Dv) of
+    the cached + new tokens; all in the memory dtype. Returns the two terms of (3) for every new token, the
+    numerator sigma(Q) M_{s-1}: (B, H, T, Dv) and the clamped denominator sigma(Q) z_{s-1}: (B, H, T, 1)
+    (A_mem = numerator / denominator; the layer folds the division into the gate), and the memory after every
+    complete segment.
     """
-    B, H, T, Dk = sigma_q.shape
+    B, H, T, Dk = q.shape
     Hkv, P, Dv = values.shape[1], values.shape[2], values.shape[3]
-    G = H // Hkv
-    N = segment_len
-    L = P - T
-    head, body = split_at_boundary(L, T, N)
-    write = linear_update if update == "linear" else delta_update
-    outputs = []
-    if head:
-        q_head = sigma_q[:, :, :head].reshape(B, Hkv, G, head, Dk)
-        a_head = retrieve(q_head, memory.matrix.unsqueeze(2), memory.norm.unsqueeze(2))  # (B, Hkv, G, head, Dv)
-        outputs.append(a_head.reshape(B, H, head, Dv))
-        if L + head == N:  # the cached segment is now complete: write it
-            memory = Memory(*write(memory.matrix, memory.norm, sigma_k[:, :, :N], values[:, :, :N]))
-    if body:
-        S = math.ceil(body / N)
-        k_body = _pad_time(sigma_k[:, :, L + head :], S * N).view(B, Hkv, S, N, Dk)
-        v_body = _pad_time(values[:, :, L + head :], S * N).view(B, Hkv, S, N, Dv)
-        matrix_prev, norm_prev, memory = segment_memories(memory, k_body, v_body, body // N, update)
-        q_body = _pad_time(sigma_q[:, :, head:], S * N).view(B, Hkv, G, S, N, Dk)
-        a_body = retrieve(q_body, matrix_prev.unsqueeze(2), norm_prev.unsqueeze(2))  # (B, Hkv, G, S, N, Dv)
-        outputs.append(a_body.reshape(B, H, S * N, Dv)[:, :, :body])
-    a_mem = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return a_mem, memory
+    G, N, L = H // Hkv, segment_len, P - T
+    # head-major copies: the matmuls batch over (B, Hkv, segments); a group's query heads read their KV head's memory
+    sigma_q = feature_map_contiguous(q).view(B, Hkv, G, T, Dk)
+    sigma_k = feature_map_contiguous(keys)  # (B, Hkv, P, Dk)
+    values_aug = with_ones(values)  # [V | 1]: (B, Hkv, P, Dv + 1)
+    state = augment(memory)  # [M | z]: (B, Hkv, Dk, Dv + 1)
+    reads = []  # [sigma(Q) M | sigma(Q) z] per span of new tokens: (B, H, n, Dv + 1)
+    for start, stop, S in _time_spans(T, L, N):
+        if S:  # whole segments: every M_{s-1} at once (linear) or by a scan (delta)
+            k_seg = sigma_k[:, :, L + start : L + stop].view(B, Hkv, S, N, Dk)
+            v_seg = values_aug[:, :, L + start : L + stop].view(B, Hkv, S, N, Dv + 1)
+            prev, state = prefix_memories(state, k_seg, v_seg, update)  # prev: (B, Hkv, S, Dk, Dv + 1)
+            q_seg = sigma_q[:, :, :, start:stop].reshape(B, Hkv, G, S, N, Dk)
+            reads.append((q_seg @ prev.unsqueeze(2)).view(B, H, stop - start, Dv + 1))  # (B, Hkv, G, S, N, Dv+1)
+        else:  # one (possibly partial) segment reads the current state; written once complete
+            reads.append((sigma_q[:, :, :, start:stop] @ state.unsqueeze(2)).view(B, H, stop - start, Dv + 1))
+            first = 0 if start == 0 else L + start
+            if L + stop - first == N:  # the segment is complete: write it
+                k_seg = sigma_k[:, :, first : L + stop].unsqueeze(2)  # (B, Hkv, 1, N, Dk)
+                v_seg = values_aug[:, :, first : L + stop].unsqueeze(2)
+                _, state = prefix_memories(state, k_seg, v_seg, update)
+    both = reads[0] if len(reads) == 1 else torch.cat(reads, dim=2)  # (B, H, T, Dv + 1)
+    numerator, denominator = both.split([Dv, 1], dim=-1)  # split: its backward concatenates, no zero-filled slices
+    return numerator, denominator.clamp_min(EPS), split_augmented(state)
 
 
 class CausalSelfAttention(nn.Module):
@@ -165,7 +197,8 @@ class CausalSelfAttention(nn.Module):
         return AttentionState(empty, empty, None)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, T, dim) -> q (B, H, T, D), k and v (B, Hkv, T, D), un-rotated."""
+        """x: (B, T, dim) -> q (B, H, T, D), k and v (B, Hkv, T, D), un-rotated; views of the time-major
+        projections (no copy)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -174,7 +207,7 @@ class CausalSelfAttention(nn.Module):
 
     def _extend_cache(self, state: AttentionState | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if state is None or state.keys.shape[2] == 0:
-            return k, v
+            return k, v  # no cache (training): no cat, the projections' views go on
         return torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)  # (B, Hkv, P, D)
 
     def _unfinished(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,8 +215,10 @@ class CausalSelfAttention(nn.Module):
         if self.segment_len is None:
             return keys, values
         keep = keys.shape[2] % self.segment_len
-        # clone: a view would pin the whole (B, Hkv, P, D) tensor of this call in memory
-        return keys[:, :, keys.shape[2] - keep :].clone(), values[:, :, values.shape[2] - keep :].clone()
+        # a contiguous copy: a view would pin the whole (B, Hkv, P, D) tensor of this call in memory
+        start = keys.shape[2] - keep
+        return (keys[:, :, start:].clone(memory_format=torch.contiguous_format),
+                values[:, :, start:].clone(memory_format=torch.contiguous_format))
 
     def _output(self, a: Tensor) -> Tensor:
         B, H, T, D = a.shape
@@ -237,10 +272,11 @@ class InfiniAttention(CausalSelfAttention):
         # the memory path runs in float32 even under autocast: M and z are sums over the whole stream
         dtype = memory_dtype(q.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            a_mem, memory = segmented_memory_retrieval(
-                feature_map(q.to(dtype)), feature_map(keys.to(dtype)), values.to(dtype), state.memory,
-                self.segment_len, self.memory_update,
+            numerator, denominator, memory = segmented_memory_retrieval(
+                q.to(dtype), keys.to(dtype), values.to(dtype), state.memory, self.segment_len, self.memory_update,
             )
-        gate = torch.sigmoid(self.gate_logit).view(1, -1, 1, 1)  # (1, H, 1, 1)
-        a = gate * a_mem.to(a_dot.dtype) + (1.0 - gate) * a_dot  # (6)
+            gate = torch.sigmoid(self.gate_logit).view(-1, 1, 1)  # (H, 1, 1)
+            # (6) with A_mem = numerator / denominator (3) folded in, so A_mem is never materialised (nor saved):
+            #   A = (1 - gate) * A_dot + numerator * (gate / denominator), time-major like A_dot
+            a = (a_dot * (1.0 - gate)).addcmul_(numerator, gate / denominator)
         return self._output(a.to(a_dot.dtype)), AttentionState(*self._unfinished(keys, values), memory)

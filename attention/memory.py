@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 EPS = 1e-6  # lower clamp of the retrieval denominator sigma(Q) z
 
@@ -55,6 +56,30 @@ def feature_map(x: Tensor) -> Tensor:
     return F.elu(x) + 1.0
 
 
+class _FeatureMapCopy(torch.autograd.Function):
+    """sigma(x) = ELU(x) + 1 written into a new contiguous tensor, saving only that output for backward:
+    sigma'(x) = 1 for x > 0 and exp(x) = sigma(x) for x <= 0, so sigma'(x) = min(sigma(x), 1). Autograd's
+    F.elu(x) + 1 keeps x as well (a second activation-sized tensor per Q and K)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        F.elu(out, inplace=True).add_(1.0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return out.clamp(max=1.0).mul_(grad)
+
+
+def feature_map_contiguous(x: Tensor) -> Tensor:
+    """feature_map(x) as a new contiguous tensor (the layers' fast path; same values as feature_map)."""
+    return _FeatureMapCopy.apply(x)
+
+
 def retrieve(sigma_q: Tensor, matrix: Tensor, norm: Tensor) -> Tensor:
     """Eq. (3): sigma(Q) M / (sigma(Q) z).
 
@@ -80,6 +105,75 @@ def delta_update(matrix: Tensor, norm: Tensor, sigma_k: Tensor, values: Tensor) 
     return matrix + sigma_k.transpose(-1, -2) @ (values - already_stored), norm + sigma_k.sum(-2)
 
 
+# The layers keep numerator and denominator of (3) together: the augmented state [M | z] is (..., Dk, Dv + 1), and
+# the augmented values [V | 1] make one matmul sigma(K)^T [V | 1] = [sigma(K)^T V | sum_t sigma(K_t)] give both
+# increments of (4), and one matmul sigma(Q) [M | z] = [sigma(Q) M | sigma(Q) z] both terms of (3). That halves the
+# matmul calls and avoids the (n x Dk) @ (Dk x 1) products, whose backward is slow on CPU.
+
+
+def augment(memory: Memory) -> Tensor:
+    """Memory -> [M | z]: (B, Hkv, Dk, Dv + 1)."""
+    return torch.cat([memory.matrix, memory.norm.unsqueeze(-1)], dim=-1)
+
+
+def split_augmented(augmented: Tensor) -> Memory:
+    """[M | z] -> Memory(M, z), contiguous (the state outlives the call; checkpoints want contiguous tensors)."""
+    return Memory(augmented[..., :-1].contiguous(), augmented[..., -1].contiguous())
+
+
+def with_ones(values: Tensor) -> Tensor:
+    """V (..., n, Dv) -> [V | 1] (..., n, Dv + 1), contiguous."""
+    return torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
+
+
+def retrieve_augmented(sigma_q: Tensor, augmented: Tensor) -> Tensor:
+    """Eq. (3) from [M | z]: sigma_q (..., n, Dk), augmented (..., Dk, Dv + 1) -> (..., n, Dv); same clamp as
+    `retrieve`."""
+    Dv = augmented.shape[-1] - 1
+    numerator, denominator = (sigma_q @ augmented).split([Dv, 1], dim=-1)  # (..., n, Dv), (..., n, 1)
+    # split, not two slices: the backward of a slice zero-fills a tensor of the whole shape, split's concatenates;
+    # and one reciprocal of the (n, 1) denominators instead of an elementwise division of the (n, Dv) numerator
+    return numerator * denominator.clamp_min(EPS).reciprocal()
+
+
+def prefix_memories(augmented: Tensor, sigma_k: Tensor, values_aug: Tensor, update: str) -> tuple[Tensor, Tensor]:
+    """State before each of S complete segments, and after the last, in the augmented form.
+
+    augmented: (B, Hkv, Dk, Dv + 1) [M | z] before the first segment; sigma_k: (B, Hkv, S, N, Dk);
+    values_aug: (B, Hkv, S, N, Dv + 1) = [V | 1]. Returns prev (B, Hkv, S, Dk, Dv + 1) with prev[:, :, s] the state
+    *before* segment s (retrieval precedes the update), and the state after segment S - 1.
+
+    linear: parallel form. The increments sigma(K_s)^T [V_s | 1] are independent: one batched matmul computes all
+            of them and a prefix sum over segments gives every state at once (a matmul with a triangular 0/1
+            matrix while S < N, else cumsum).
+    delta:  the increment of segment s depends on M_{s-1}, so a scan over segments (two small matmuls per step).
+    """
+    if update == "linear":
+        increments = sigma_k.transpose(-1, -2) @ values_aug  # (B, Hkv, S, Dk, Dv + 1)
+        B, Hkv, S, N = sigma_k.shape[:4]
+        if S + 1 <= N:
+            # the prefix sums as one matmul with a (S + 1, S) 0/1 matrix: row s < S sums the segments before s
+            # (strictly lower triangle), row S all of them. Costs (S + 1) / N of the retrieval's FLOPs, and beats
+            # cumsum + the slicing/concatenation of inclusive and exclusive sums (cumsum's backward flips twice)
+            sums = torch.ones(S + 1, S, device=increments.device, dtype=increments.dtype).tril_(-1)
+            states = augmented.unsqueeze(2) + (sums @ increments.flatten(3)).view(B, Hkv, S + 1, *increments.shape[3:])
+            prev, final = states.split([S, 1], dim=2)  # split: its backward concatenates, no zero-filled slices
+            return prev, final.squeeze(2)
+        after = augmented.unsqueeze(2) + increments.cumsum(2)  # state after each segment
+        prev = torch.cat([augmented.unsqueeze(2), after[:, :, :-1]], dim=2)
+        return prev, after[:, :, -1]
+    if update == "delta":
+        states = []
+        # unbind, not x[:, :, s]: the backward of an index zero-fills a whole-size gradient per segment (quadratic)
+        for k_s, v_s in zip(sigma_k.unbind(2), values_aug.unbind(2)):
+            states.append(augmented)
+            stored = retrieve_augmented(k_s, augmented)  # (B, Hkv, N, Dv): what M_{s-1} returns for these keys
+            write = v_s - F.pad(stored, (0, 1))  # [V - stored | 1]
+            augmented = augmented + k_s.transpose(-1, -2) @ write
+        return torch.stack(states, dim=2), augmented
+    raise ValueError(f"unknown memory update {update!r}; expected 'linear' or 'delta'")
+
+
 def segment_memories(
     memory: Memory, sigma_k: Tensor, values: Tensor, n_complete: int, update: str
 ) -> tuple[Tensor, Tensor, Memory]:
@@ -92,31 +186,19 @@ def segment_memories(
 
     Returns M_prev (B, Hkv, S, Dk, Dv) and z_prev (B, Hkv, S, Dk), where [:, :, s] is the state *before*
     segment s (retrieval precedes the update), and the memory after the n_complete complete segments.
-
-    linear: parallel form. The per-segment increments sigma(K_s)^T V_s are independent, so one batched matmul
-            computes them all and an exclusive prefix sum over segments gives every M_{s-1} at once.
-    delta:  the increment of segment s depends on M_{s-1}, so this is a scan over segments.
+    The un-augmented view of `prefix_memories`, which the layers call directly.
     """
     S = sigma_k.shape[2]
     if not 0 <= n_complete <= S or n_complete < S - 1:
         raise ValueError(f"n_complete={n_complete} must be S or S - 1 for S={S} segments")
-    if update == "linear":
-        increments = sigma_k[:, :, :n_complete].transpose(-1, -2) @ values[:, :, :n_complete]  # (B,Hkv,Sc,Dk,Dv)
-        norm_increments = sigma_k[:, :, :n_complete].sum(-2)  # (B, Hkv, Sc, Dk)
-        # inclusive prefix sums; state before segment s = initial + sum of increments of segments < s
-        matrix_after = memory.matrix.unsqueeze(2) + increments.cumsum(2)  # (B, Hkv, Sc, Dk, Dv)
-        norm_after = memory.norm.unsqueeze(2) + norm_increments.cumsum(2)  # (B, Hkv, Sc, Dk)
-        matrix_prev = torch.cat([memory.matrix.unsqueeze(2), matrix_after], dim=2)[:, :, :S]
-        norm_prev = torch.cat([memory.norm.unsqueeze(2), norm_after], dim=2)[:, :, :S]
-        final = Memory(matrix_after[:, :, -1], norm_after[:, :, -1]) if n_complete > 0 else memory
-        return matrix_prev, norm_prev, final
-    if update == "delta":
-        matrix, norm = memory
-        matrices, norms = [], []
-        for s in range(S):
-            matrices.append(matrix)
-            norms.append(norm)
-            if s < n_complete:
-                matrix, norm = delta_update(matrix, norm, sigma_k[:, :, s], values[:, :, s])
-        return torch.stack(matrices, 2), torch.stack(norms, 2), Memory(matrix, norm)
-    raise ValueError(f"unknown memory update {update!r}; expected 'linear' or 'delta'")
+    if update not in ("linear", "delta"):
+        raise ValueError(f"unknown memory update {update!r}; expected 'linear' or 'delta'")
+    augmented = augment(memory)
+    if n_complete:
+        values_aug = with_ones(values[:, :, :n_complete])
+        prev, final = prefix_memories(augmented, sigma_k[:, :, :n_complete], values_aug, update)
+    else:
+        prev, final = augmented.unsqueeze(2)[:, :, :0], augmented
+    if n_complete < S:  # the incomplete segment reads the state after the complete ones
+        prev = torch.cat([prev, final.unsqueeze(2)], dim=2)
+    return prev[..., :-1], prev[..., -1], split_augmented(final) if n_complete else memory

@@ -1,16 +1,75 @@
-"""Llama-style building blocks: RMSNorm, SwiGLU MLP, pre-norm decoder block."""
+"""Llama-style building blocks: RMSNorm, SwiGLU MLP, pre-norm decoder block.
+
+RMSNorm and SwiGLU have a hand-written backward (fast path) beside the plain composition (the reference, used
+under autocast and for reduced-precision weights, and by the tests that compare the two). What the fast paths buy
+is memory, not FLOPs: on CPU every new tensor above glibc's mmap threshold (at most 32 MiB) arrives as fresh
+pages, so a training step's time follows the bytes it allocates, and what autograd saves for backward is the
+peak memory of back-propagation through time. Measured on the benchmark shape (benchmarks/train_throughput.py):
+
+  RMSNorm  autograd's pow/mean/rsqrt/mul composition allocates ~3 activation-sized tensors in forward and ~5 in
+           backward; the fast path 1 and 3, and saves x and 1/rms only.
+  SwiGLU   autograd saves w1 x, silu(w1 x), w3 x and their product (4 hidden-sized tensors); the fast path saves
+           w1 x and w3 x and recomputes silu in backward (cheap next to the three matmuls).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from attention.infini import AttentionState
 
 
+def _fast_path(x: Tensor, *weights: Tensor) -> bool:
+    """The hand-written backward covers float32/float64 with weights of the same dtype, outside autocast."""
+    if x.dtype not in (torch.float32, torch.float64) or any(w.dtype != x.dtype for w in weights):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight, normalised in at least float32 (as Llama does) and cast back to x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 normalises in float32, float64 stays
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * r * w with r = 1 / sqrt(mean(x^2) + eps).
+
+    Backward, with x_hat = x * r and g the incoming gradient:
+        dL/dw = sum over rows of g * x_hat
+        dL/dx = r * (g * w - x_hat * mean(g * w * x_hat))
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        dim = x.shape[-1]
+        # sum of squares as a norm: one reduction pass, no x^2 temporary
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        dim = x.shape[-1]
+        x_hat = x * rstd
+        g_x_hat = grad * x_hat
+        grad_weight = g_x_hat.reshape(-1, dim).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            mean_term = (g_x_hat @ weight).unsqueeze_(-1).div_(dim)  # mean(g * w * x_hat): (..., 1)
+            del g_x_hat
+            grad_x = (grad * weight).sub_(x_hat.mul_(mean_term)).mul_(rstd)
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in float32 (as Llama does) and cast back to x's dtype."""
+    """x / rms(x) * weight, normalised in at least float32 (as Llama does) and cast back to x's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -18,9 +77,48 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        if _fast_path(x, self.weight):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def swiglu_reference(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """w2 (silu(w1 x) * w3 x), saving a = w1 x and b = w3 x only.
+
+    Backward, with g the incoming gradient and g_h = g w2:
+        dL/dw2 = g^T (silu(a) * b)      dL/db = g_h * silu(a)      dL/da = g_h * b * silu'(a)
+        dL/dx = dL/da w1 + dL/db w3     dL/dw1 = dL/da^T x         dL/dw3 = dL/db^T x
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+        a, b = F.linear(x, w1), F.linear(x, w3)
+        ctx.save_for_backward(x, w1, w3, w2, a, b)
+        return F.linear(F.silu(a).mul_(b), w2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, w3, w2, a, b = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad
+        x2, a2, b2 = x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        g2 = grad.reshape(-1, grad.shape[-1])  # (M, dim)
+        silu_a = F.silu(a2)  # (M, F)
+        buffer = silu_a * b2  # h = silu(a) * b, later reused for dL/da
+        grad_w2 = g2.T @ buffer if need_w2 else None  # (dim, F)
+        g_h = g2 @ w2  # (M, F)
+        grad_b = silu_a.mul_(g_h)  # g_h * silu(a), in silu_a's memory
+        grad_a = torch.ops.aten.silu_backward.grad_input(g_h.mul_(b2), a2, grad_input=buffer)
+        grad_x = None
+        if need_x:
+            grad_x = (grad_a @ w1).addmm_(grad_b, w3).view_as(x)
+        grad_w1 = grad_a.T @ x2 if need_w1 else None
+        grad_w3 = grad_b.T @ x2 if need_w3 else None
+        return grad_x, grad_w1, grad_w3, grad_w2
 
 
 class SwiGLU(nn.Module):
@@ -33,7 +131,10 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        weights = (self.w1.weight, self.w3.weight, self.w2.weight)
+        if _fast_path(x, *weights):
+            return _SwiGLUFunction.apply(x, *weights)
+        return swiglu_reference(x, *weights)
 
 
 class DecoderBlock(nn.Module):

@@ -2,8 +2,8 @@
 so Llama checkpoints load without permuting q/k weights.
 
 Infini-attention applies RoPE only on the local dot-product path; the compressive memory reads and writes
-un-rotated Q/K (paper, Sec. 3.1). The angles are computed on the fly from integer positions: there is no
-buffer to move between devices or re-initialise after meta-device construction.
+un-rotated Q/K (paper, Sec. 3.1). cos and sin are cached per device and dtype (see RotaryEmbedding), never
+registered as buffers: nothing to move between devices or re-initialise after meta-device construction.
 
 Context extension. Researchers compare Infini-attention against stretching RoPE itself, so the usual static
 variants are here, all as a change of the inverse frequencies inv_freq[i] = theta^(-2i/D), i < D/2
@@ -113,8 +113,17 @@ class RopeScaling:
 
 
 class RotaryEmbedding(nn.Module):
-    """x -> (x * cos(pos * freq) + rotate_half(x) * sin(pos * freq)) * m, computed in float32; freq and m
-    (1 except for yarn) follow the context-extension rule `scaling`."""
+    """x -> (x * cos(pos * freq) + rotate_half(x) * sin(pos * freq)) * m; freq and m (1 except for yarn) follow the
+    context-extension rule `scaling`.
+
+    cos and sin come from tables cached per (device, dtype) for positions 0 .. capacity - 1 (grown by doubling),
+    not recomputed per call. Every caller, the fast `rotate` and the general `forward`, reads the same table, so a
+    position rotates to the same numbers whatever the call. The table holds float32 angles (position * inv_freq,
+    as `cos_sin` computes them) whose cos and sin are taken in float64 and rounded to float32: the rounding makes
+    every entry independent of the table size and of how the elementwise kernel was split into vector lanes and
+    threads; `cos_sin` (the direct float32 formula) agrees to one float32 ulp. The tables are a cache, not
+    buffers: nothing to move between devices or re-initialise after meta-device construction.
+    """
 
     def __init__(self, head_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
@@ -123,6 +132,8 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
         self.scaling = scaling or RopeScaling()
+        # (device, dtype, theta, scaling) -> (cos (capacity, D), sin with the sign of rotate_half (capacity, D))
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> RotaryEmbedding:
@@ -134,7 +145,7 @@ class RotaryEmbedding(nn.Module):
         return self.scaling.scale(1.0 / self.theta**exponents, self.theta, self.head_dim).float()
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions: (T,) integer -> cos, sin: (T, D) float32."""
+        """positions: (T,) integer -> cos, sin: (T, D) float32, by the direct formula (the tables' reference)."""
         angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq(positions.device)  # (T, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, D)
         multiplier = self.scaling.cos_sin_multiplier()
@@ -142,11 +153,50 @@ class RotaryEmbedding(nn.Module):
             return angles.cos() * multiplier, angles.sin() * multiplier
         return angles.cos(), angles.sin()
 
+    def tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and signed sin for positions 0 .. at least length - 1: (capacity, D) in `dtype`, cached.
+
+        signed sin = [-sin, sin] over the two halves, so that rotate_half(x) * sin == swap_halves(x) * signed sin
+        (no negation pass)."""
+        key = (device, dtype, self.theta, self.scaling)
+        cached = self._tables.get(key)
+        if cached is not None and cached[0].shape[0] >= length:
+            return cached
+        capacity = max(64, 1 << (max(length, 1) - 1).bit_length())
+        # a table first built under inference_mode must still be usable by autograd later (evaluation inside a
+        # training run), so it is never an inference tensor
+        with torch.inference_mode(False), torch.no_grad():
+            positions = torch.arange(capacity, device=device, dtype=torch.float32)
+            angles = (positions.unsqueeze(-1) * self.inv_freq(device)).double()  # float32 angles, (capacity, D/2)
+            cos, sin = angles.cos().float(), angles.sin().float()  # rounded once from float64
+            multiplier = self.scaling.cos_sin_multiplier()
+            if multiplier != 1.0:
+                cos, sin = cos * multiplier, sin * multiplier
+            table = (torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype))
+        if not torch.compiler.is_compiling():
+            self._tables = {k: v for k, v in self._tables.items() if k[0] != device or k[1] != dtype}
+            self._tables[key] = table
+        return table
+
+    def _rotate_with(self, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+        """x * cos + swap_halves(x) * signed_sin, in cos's dtype (float32 for bf16 inputs), two passes."""
+        half = self.head_dim // 2
+        xf = x.to(cos.dtype)
+        swapped = xf.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [x2, x1]
+        return (xf * cos).addcmul_(swapped, signed_sin).to(x.dtype)
+
+    def rotate(self, x: Tensor, start: int = 0) -> Tensor:
+        """x: (..., n, D) at positions start .. start + n - 1 -> rotated, in x's dtype (bf16 rotates in float32).
+        The fast path of the layers: a slice of the cached tables, no position tensor."""
+        n = x.shape[-2]
+        cos, sin = self.tables(start + n, x.device, torch.promote_types(x.dtype, torch.float32))
+        return self._rotate_with(x, cos[start : start + n], sin[start : start + n])
+
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x: (..., T, D); positions: (T,). Returns x rotated, in x's dtype."""
-        cos, sin = self.cos_sin(positions)
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 rotates in float32, float64 stays
-        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+        """x: (..., T, D); positions: (T,) any non-negative integers. Returns x rotated, in x's dtype."""
+        length = int(positions.max()) + 1 if positions.numel() else 0
+        cos, sin = self.tables(length, x.device, torch.promote_types(x.dtype, torch.float32))
+        return self._rotate_with(x, cos[positions], sin[positions])
 
     def extra_repr(self) -> str:
         scaling = "" if self.scaling.kind == "none" else f", scaling={self.scaling}"

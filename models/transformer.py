@@ -24,6 +24,16 @@ from models.rope import RotaryEmbedding
 
 ModelState = tuple[AttentionState, ...]
 
+# On CPU, hidden() feeds long segmented inputs through the stack in chunks of whole segments whose largest
+# activation stays under this many bytes. glibc serves blocks above its mmap threshold (adaptive, at most 32 MiB
+# on 64-bit Linux) with fresh mappings, so every activation of a 32K-token batch was fresh pages faulted in and
+# unmapped again; chunks of blocks that the heap can reuse ran a 32K-token training step (benchmark shape) in
+# ~25 s instead of ~45 s. The numbers are those of one pass over the whole input: chunking a stream changes
+# nothing (the chunking-invariance tests), it only trades the parallel prefix sum across all segments for a few
+# sequential chunks. Not used for `full` attention (each chunk would re-read the whole growing key cache) nor on
+# accelerators (caching allocators, and wide batched kernels want the whole input).
+CPU_CHUNK_BYTES = 32 * 2**20
+
 
 class TransformerOutput(NamedTuple):
     logits: Tensor  # (B, T, vocab_size)
@@ -87,12 +97,37 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} layers, the model {len(self.layers)}")
+        chunk = self._cpu_chunk_len(tokens)
+        if chunk is None:
+            return self._hidden(tokens, state)
+        hidden = []
+        for start in range(0, tokens.shape[1], chunk):
+            h, state = self._hidden(tokens[:, start : start + chunk], state)
+            hidden.append(h)
+        return torch.cat(hidden, dim=1), state
+
+    def _hidden(self, tokens: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         new_state = []
         for i, layer in enumerate(self.layers):
             h, layer_state = layer(h, None if state is None else state[i])
             new_state.append(layer_state)
         return h, tuple(new_state)
+
+    def _cpu_chunk_len(self, tokens: Tensor) -> int | None:
+        """Tokens per chunk for hidden() (a multiple of segment_len), or None to run the input in one pass; see
+        CPU_CHUNK_BYTES."""
+        cfg = self.config
+        if cfg.attention == "full" or tokens.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        B, T = tokens.shape
+        width = max(cfg.dim, cfg.ffn_dim, cfg.n_heads * (cfg.head_dim + 1))  # widest activation per token
+        bytes_per_segment = B * cfg.segment_len * width * self.tok_embeddings.weight.element_size()
+        most = max(1, CPU_CHUNK_BYTES // bytes_per_segment)  # segments per chunk at most
+        segments = -(-T // cfg.segment_len)
+        if segments <= most:
+            return None
+        return -(-segments // -(-segments // most)) * cfg.segment_len  # chunks of (nearly) equal length
 
     def logits(self, h: Tensor) -> Tensor:
         """Hidden states (..., dim) -> logits (..., vocab_size)."""
