@@ -1,0 +1,346 @@
+"""Training throughput and peak memory, side by side: our infini-linear, infini-delta, `local` and `full` attention,
+and the peer implementation `infini-transformer-pytorch` (PyPI, the `bench` extra), on one model shape, at 8K and
+32K tokens, with back-propagation through time over the whole sequence. Not a test: it prints a markdown table
+and writes benchmarks/results/train_throughput.json.
+
+    pip install -e ".[bench]"                    # the peer package
+    python benchmarks/train_throughput.py        # dim 256, 4 layers, 4 heads x 64, segment 512, batch 2, fp32
+    python benchmarks/train_throughput.py --lengths 1024 --trials 1 --output /tmp/smoke.json   # a quick check
+
+What one measurement is. A training step = forward over (batch, T) tokens, mean next-token cross-entropy,
+backward, gradients set to None (no optimizer: the same for every variant, and negligible at this size). Ours:
+`model(tokens)` on the whole sequence, memory never detached (full BPTT). The peer: its own training wrapper,
+`InfiniTransformerWrapper(model, segment_length=N, detach_mems_every_num_segments=S + 1)(seq, backward=True)`,
+which runs its segments one after another and, with that setting, never detaches its memories either (one
+backward at the end). Same shape for the peer: dim, depth, heads, dim_head, segment length, vocabulary, and an MLP
+hidden width equal to ours (its ff_mult is chosen so); its own choices stay (GELU-gated MLP with biases, full
+softmax inside a segment, RMSNorm by F.normalize).
+
+Protocol (the machine is shared, its load varies). Every (variant, length, trial) runs in a fresh subprocess:
+build the model, one warm-up step, then `--steps` timed steps (wall clock); the trial's figure is their median.
+Variants are interleaved within a round (the order rotates every round) and each figure is the median over
+`--trials` rounds, so slow phases of the machine hit every variant alike; ratios are taken between medians of the
+same run. A configuration whose warm-up step alone takes longer than `--long-step` seconds (`full` at 32K) is
+timed on that first step only, and says so (`timed_first_step`).
+
+Memory. `peak_rss_mib` is the subprocess's high-water resident set (getrusage ru_maxrss): interpreter, torch,
+model, gradients, every activation saved for backward and every temporary, under glibc's default malloc;
+`base_rss_mib` is the resident set just before the first step, so peak - base is what training steps added.
+`minor_faults_per_step` counts fresh pages touched per timed step: on CPU, new tensors above glibc's mmap
+threshold are fresh pages, and that cost is part of the step time.
+
+FLOPs. Model FLOPs per token (what the model needs, not what a kernel happens to execute; the same count for
+the peer, which has the same shape):
+    6 * P_matmul                                    every weight matmul, forward (2) + backward (4)
+  + 3 * 4 * n_layers * H * D * c                    attention scores q.k and the weighted sum of v, causal: a token
+                                                    attends c = (w + 1) / 2 keys on average, w = the window
+                                                    (N for infini/local; T for full)
+  + 3 * 2 * n_layers * (H + Hkv) * D * (D + 1)      infini: retrieval sigma(Q)[M | z] and update sigma(K)^T[V | 1]
+  + 3 * 2 * n_layers * Hkv * D * (D + 1)            infini-delta: the update's retrieval sigma(K)[M | z]
+with P_matmul = n_layers * (dim * (H + 2 Hkv) * D + H * D * dim + 3 * dim * ffn_dim) + dim * vocab (the embedding
+is a lookup). Achieved FLOP/s = model FLOPs per token * tokens/s; the ceiling is this machine's fp32 matmul rate,
+measured in the same run (square torch.mm at several sizes, best of repeats, same thread count, before and after
+the trials; the higher of the two is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
+VARIANTS = ("infini-linear", "infini-delta", "local", "full", "peer")
+OURS = {"infini-linear": ("infini", "linear"), "infini-delta": ("infini", "delta"), "local": ("local", "linear"),
+        "full": ("full", "linear")}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def ffn_dim_of(dim: int) -> int:
+    """Our default SwiGLU width (models.config): 8/3 dim rounded up to a multiple of 64."""
+    return 64 * -(-8 * dim // (3 * 64))
+
+
+def model_flops_per_token(variant: str, args: argparse.Namespace, length: int) -> dict:
+    """Model FLOPs per token of a training step; see the module docstring for the formula."""
+    H = Hkv = args.heads
+    D, dim, layers, N = args.head_dim, args.dim, args.layers, args.segment_len
+    ffn = ffn_dim_of(dim)
+    p_matmul = layers * (dim * (H + 2 * Hkv) * D + H * D * dim + 3 * dim * ffn) + dim * args.vocab
+    window = length if variant == "full" else N
+    visible = (window + 1) / 2
+    attention = 3 * 4 * layers * H * D * visible
+    memory = 0.0
+    if variant in ("infini-linear", "infini-delta", "peer"):
+        memory = 3 * 2 * layers * (H + Hkv) * D * (D + 1)
+        if variant == "infini-delta":
+            memory += 3 * 2 * layers * Hkv * D * (D + 1)
+    total = 6 * p_matmul + attention + memory
+    return {"matmul_params": p_matmul, "weights": 6 * p_matmul, "attention": attention, "memory": memory,
+            "total": total}
+
+
+def matmul_peak(threads: int, sizes=(1024, 2048, 3072, 4096), repeats: int = 5) -> dict:
+    """Best fp32 torch.mm rate over square sizes (GFLOP/s)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rates = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        rates[n] = 2 * n**3 / best / 1e9
+    return {"gflops": max(rates.values()), "by_size": rates}
+
+
+def peer_ff_mult(dim: int, ffn: int) -> float:
+    """The peer's FeedForward hidden width is int(mult * dim * 2 / 3): the mult that gives ours."""
+    mult = ffn * 3 / (2 * dim)
+    for candidate in (mult, mult + 1e-9, mult + 1e-6):
+        if int(candidate * dim * 2 / 3) == ffn:
+            return candidate
+    raise ValueError(f"no ff_mult gives the peer an MLP width of {ffn} at dim {dim}")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One (variant, length) in this process: warm-up step, timed steps, memory."""
+    import torch
+    import torch.nn.functional as F
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    B, T, N = args.batch, args.length, args.segment_len
+    sequence = torch.randint(0, args.vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    extra = {}
+    if args.variant == "peer":
+        from importlib.metadata import version
+
+        from infini_transformer_pytorch import InfiniTransformer, InfiniTransformerWrapper
+
+        model = InfiniTransformer(num_tokens=args.vocab, dim=args.dim, depth=args.layers, dim_head=args.head_dim,
+                                  heads=args.heads, ff_mult=peer_ff_mult(args.dim, ffn_dim_of(args.dim)))
+        segments = -(-T // N)
+        wrapper = InfiniTransformerWrapper(model, segment_length=N, detach_mems_every_num_segments=segments + 1)
+        extra["peer_version"] = version("infini-transformer-pytorch")
+
+        def step() -> None:
+            wrapper(sequence, backward=True)
+            model.zero_grad(set_to_none=True)
+    else:
+        from models import ModelConfig, Transformer
+
+        attention, update = OURS[args.variant]
+        config = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                             segment_len=N, attention=attention, memory_update=update,
+                             attention_backend=args.backend)
+        model = Transformer(config)
+        if config.head_dim != args.head_dim:
+            raise ValueError(f"dim / heads = {config.head_dim}, not --head-dim {args.head_dim}")
+        tokens, targets = sequence[:, :-1], sequence[:, 1:]
+
+        def step() -> None:
+            logits = model(tokens).logits
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+            model.zero_grad(set_to_none=True)
+
+    model.train()
+    parameters = sum(p.numel() for p in model.parameters())
+    base = rss_mib()
+    start = time.perf_counter()
+    step()
+    warmup = time.perf_counter() - start
+    times, cpu_times, faults = [], [], []
+    timed_first_step = warmup > args.long_step
+    if timed_first_step:
+        times = [warmup]
+    else:
+        for _ in range(args.steps):
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - usage.ru_minflt)
+    step_s = statistics.median(times)
+    return {
+        "variant": args.variant, "length": T, "batch": B, "parameters": parameters, "threads": args.threads,
+        "step_s": step_s, "step_times_s": times, "cpu_s": statistics.median(cpu_times) if cpu_times else None,
+        "warmup_s": warmup, "timed_first_step": timed_first_step, "tokens_per_s": B * T / step_s,
+        "base_rss_mib": base, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "minor_faults_per_step": statistics.median(faults) if faults else None, **extra,
+    }
+
+
+def run_worker(args: argparse.Namespace, variant: str, length: int) -> dict:
+    command = [sys.executable, __file__, "--worker", "--variant", variant, "--length", str(length)]
+    for name in ("batch", "dim", "layers", "heads", "head_dim", "segment_len", "vocab", "threads", "steps",
+                 "long_step", "backend"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        return {"variant": variant, "length": length, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict], args: argparse.Namespace, peak_gflops: float) -> list[dict]:
+    rows = []
+    for length in args.lengths:
+        for variant in args.variants:
+            trials = [r for r in runs if r["variant"] == variant and r["length"] == length and "error" not in r]
+            if not trials:
+                errors = [r["error"] for r in runs if r["variant"] == variant and r["length"] == length]
+                rows.append({"variant": variant, "length": length, "error": errors[:1]})
+                continue
+            step_s = statistics.median(r["step_s"] for r in trials)
+            tokens_per_s = args.batch * length / step_s
+            flops = model_flops_per_token(variant, args, length)
+            achieved = flops["total"] * tokens_per_s / 1e9
+            rows.append({
+                "variant": variant, "length": length, "trials": len(trials), "step_s": step_s,
+                "step_s_trials": [r["step_s"] for r in trials], "tokens_per_s": tokens_per_s,
+                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in trials),
+                "base_rss_mib": statistics.median(r["base_rss_mib"] for r in trials),
+                "minor_faults_per_step": trials[0]["minor_faults_per_step"] and statistics.median(
+                    r["minor_faults_per_step"] for r in trials),
+                "timed_first_step": any(r["timed_first_step"] for r in trials),
+                "parameters": trials[0]["parameters"], "model_flops_per_token": flops,
+                "achieved_gflops": achieved, "fraction_of_matmul_peak": achieved / peak_gflops,
+            })
+    for length in args.lengths:  # ratios between medians of the same run
+        by_variant = {r["variant"]: r for r in rows if r["length"] == length and "error" not in r}
+        for row in by_variant.values():
+            for reference in ("peer", "full"):
+                if reference in by_variant and row["variant"] != reference:
+                    row[f"speed_vs_{reference}"] = row["tokens_per_s"] / by_variant[reference]["tokens_per_s"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| tokens | variant | step s | tokens/s | vs peer | vs full | peak RSS MiB | GFLOP/token | "
+             "achieved GFLOP/s | of fp32 matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['length']} | {r['variant']} | failed: {r['error']} | | | | | | | |")
+            continue
+        flag = " (1st step)" if r["timed_first_step"] else ""
+        vs_peer = f"{r['speed_vs_peer']:.2f}x" if "speed_vs_peer" in r else "-"
+        vs_full = f"{r['speed_vs_full']:.2f}x" if "speed_vs_full" in r else "-"
+        lines.append(
+            f"| {r['length']} | {r['variant']} | {r['step_s']:.2f}{flag} | {r['tokens_per_s']:.0f} | {vs_peer} | "
+            f"{vs_full} | {r['peak_rss_mib']:.0f} | {r['model_flops_per_token']['total'] / 1e9:.4f} | "
+            f"{r['achieved_gflops']:.1f} | {100 * r['fraction_of_matmul_peak']:.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--trials", type=int, default=3, help="interleaved rounds; figures are medians over them")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per trial, after one warm-up step")
+    parser.add_argument("--long-step", type=float, default=60.0,
+                        help="a warm-up step longer than this (seconds) is the trial's only timed step")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--segment-len", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--backend", default="auto", help="our local attention backend (auto = sdpa on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dim != args.heads * args.head_dim:
+        parser.error("--dim must equal --heads * --head-dim (our head_dim is dim / heads)")
+    if args.threads is None:
+        import torch
+
+        args.threads = torch.get_num_threads()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    started = datetime.now(timezone.utc)
+    load_before = os.getloadavg()
+    peak_before = matmul_peak(args.threads)
+    runs = []
+    for trial in range(args.trials):
+        for length in args.lengths:
+            order = args.variants[trial % len(args.variants):] + args.variants[: trial % len(args.variants)]
+            for variant in order:
+                result = run_worker(args, variant, length)
+                result.update(trial=trial, load_average=os.getloadavg())
+                runs.append(result)
+                shown = f"{result['step_s']:.2f} s/step" if "step_s" in result else f"failed {result['error']}"
+                print(f"trial {trial} {length:>7} {variant:<14} {shown}  load {os.getloadavg()[0]:.2f}",
+                      file=sys.stderr, flush=True)
+    peak_after = matmul_peak(args.threads)
+    peak = max(peak_before["gflops"], peak_after["gflops"])
+    rows = summarise(runs, args, peak)
+    import torch
+
+    report = {
+        "benchmark": "train_throughput",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "torch_threads": args.threads,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "matmul_peak_gflops": peak, "matmul_peak_before": peak_before, "matmul_peak_after": peak_after,
+        "shape": {k: getattr(args, k) for k in ("batch", "dim", "layers", "heads", "head_dim", "segment_len",
+                                                "vocab")} | {"ffn_dim": ffn_dim_of(args.dim), "dtype": "float32"},
+        "protocol": {"trials": args.trials, "steps": args.steps, "long_step_s": args.long_step,
+                     "allocator": "glibc default"},
+        "results": rows, "runs": runs,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"fp32 matmul peak {peak:.1f} GFLOP/s ({args.threads} threads); load average "
+          f"{load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+    print(markdown(rows))
+    print(f"wrote {args.output}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()
