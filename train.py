@@ -390,7 +390,13 @@ def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, ru
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    finally:
+        # after train() has released the DDP/FSDP module: a DDP reducer outliving the group would free the gloo
+        # group itself at exit, joining gloo's threads while holding the GIL they wait for (a deadlock, torch 2.13)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     losses = summary["losses"]
     return losses[max(losses)] if losses else None  # the objective a Hydra sweeper minimises
 

@@ -323,30 +323,42 @@ def fixed_batch(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     return stack_rows(rows, [True] * batch)
 
 
+def _distributed_gradients(rank: int, world: int, parallel: str) -> dict[str, torch.Tensor]:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", "trainer.run_dir=/unused", "name=ddp"])
+    typed, _ = train.to_train_config(cfg)
+    typed.trainer.parallel = parallel
+    runtime = init_runtime(typed.trainer)
+    torch.manual_seed(0)
+    model = Transformer(typed.model)
+    module = parallelize(model, typed.trainer, runtime)
+    batch = fixed_batch(4, 256)
+    rows = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
+    n_targets = float(batch["loss_mask"].sum())
+    train.forward_backward(module, rows, None, runtime, typed.trainer, 64, world / n_targets, True)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).contiguous()
+    return grads
+
+
 def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str, parallel: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("train", overrides=["debug=smoke", "trainer.run_dir=/unused", "name=ddp"])
-        typed, _ = train.to_train_config(cfg)
-        typed.trainer.parallel = parallel
-        runtime = init_runtime(typed.trainer)
-        torch.manual_seed(0)
-        model = Transformer(typed.model)
-        module = parallelize(model, typed.trainer, runtime)
-        batch = fixed_batch(4, 256)
-        rows = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
-        n_targets = float(batch["loss_mask"].sum())
-        train.forward_backward(module, rows, None, runtime, typed.trainer, 64, world / n_targets, True)
-        grads = {}
-        for name, p in model.named_parameters():
-            g = p.grad
-            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).contiguous()
+        # the DDP module is released when this call returns, before the group is destroyed: a DDP reducer that
+        # outlives destroy_process_group frees the gloo group itself, joining gloo's threads while holding the GIL
+        # they wait for (a deadlock at exit, seen with torch 2.13)
+        grads = _distributed_gradients(rank, world, parallel)
         if rank == 0:
             save_file(grads, os.path.join(out_dir, "grads.safetensors"))
+        dist.barrier()  # no collective still in flight when the group goes
     finally:
         dist.destroy_process_group()
+    # with torch 2.13 about one spawned rank in ten aborts in interpreter teardown after the group is destroyed
+    # ("terminate called without an active exception"); the gradients are written by then, so leave without it
+    os._exit(0)
 
 
 @pytest.mark.distributed
