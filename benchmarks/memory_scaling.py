@@ -42,18 +42,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import cpu_name, rss_mib  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "memory_scaling.json"
 ALLOCATORS = {"default": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 WINDOW = 32768  # tokens of the last window timed separately
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -219,7 +213,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "mem_total_gib": _mem_total_gib(),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "mem_total_gib": _mem_total_gib(),
                     "platform": platform.platform(), "torch": torch.__version__},
         "torch_threads": args.threads,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -271,17 +265,6 @@ def _mem_available_gib() -> float:
 
 def _mem_total_gib() -> float:
     return _meminfo_gib("MemTotal")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

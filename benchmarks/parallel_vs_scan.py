@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import cpu_name  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -167,7 +168,7 @@ def main() -> None:
         "benchmark": "parallel_vs_scan",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started_utc": started.isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "torch_threads": torch.get_num_threads(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -189,17 +190,6 @@ def main() -> None:
               + " | ".join(f"{r[f'{n}_ms']:.1f}" for n in names) + " | "
               + " | ".join(f"{r[f'{n}_over_parallel']:.2f}x" for n in ratios) + " |")
     print(f"wrote {args.output}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

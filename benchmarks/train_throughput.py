@@ -58,19 +58,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import cpu_name, rss_mib  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
 VARIANTS = ("infini-linear", "infini-delta", "local", "full", "peer")
 OURS = {"infini-linear": ("infini", "linear"), "infini-delta": ("infini", "delta"), "local": ("local", "linear"),
         "full": ("full", "linear")}
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def keep_heap() -> None:
@@ -333,7 +327,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "torch_threads": args.threads,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -351,17 +345,6 @@ def main() -> None:
           f"{load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print(markdown(rows))
     print(f"wrote {args.output}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
