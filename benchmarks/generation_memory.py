@@ -44,19 +44,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import peak_rss_mib  # benchmarks/common.py
+from common import peak_rss_mib, rss_mib  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "generation_memory.json"
 ALLOCATORS = {"default": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -76,7 +68,7 @@ def worker(args: argparse.Namespace) -> dict:
     prompt = torch.randint(0, 256, (args.length,), generator=torch.Generator().manual_seed(1)).tolist()
     gen_config = GenerationConfig(max_new_tokens=args.new_tokens, chunk_size=args.chunk_size)
 
-    base = current_rss_mib()
+    base = rss_mib()
     start = time.perf_counter()
     new_tokens = generate(model, [prompt], gen_config)[0]
     generate_s = time.perf_counter() - start
