@@ -145,12 +145,14 @@ def segmented_memory_retrieval(
     sigma_k = feature_map_contiguous(keys)  # (B, Hkv, P, Dk)
     values_aug = with_ones(values)  # [V | 1]: (B, Hkv, P, Dv + 1)
     state = augment(memory)  # [M | z]: (B, Hkv, Dk, Dv + 1)
+    written = False  # decoding mostly reads: the memory object then goes back unchanged, not re-split and copied
     reads = []  # [sigma(Q) M | sigma(Q) z] per span of new tokens: (B, H, n, Dv + 1)
     for start, stop, S in _time_spans(T, L, N):
         if S:  # whole segments: every M_{s-1} at once (linear) or by a scan (delta)
             k_seg = sigma_k[:, :, L + start : L + stop].view(B, Hkv, S, N, Dk)
             v_seg = values_aug[:, :, L + start : L + stop].view(B, Hkv, S, N, Dv + 1)
             prev, state = prefix_memories(state, k_seg, v_seg, update)  # prev: (B, Hkv, S, Dk, Dv + 1)
+            written = True
             q_seg = sigma_q[:, :, :, start:stop].reshape(B, Hkv, G, S, N, Dk)
             reads.append((q_seg @ prev.unsqueeze(2)).view(B, H, stop - start, Dv + 1))  # (B, Hkv, G, S, N, Dv+1)
         else:  # one (possibly partial) segment reads the current state; written once complete
@@ -160,9 +162,10 @@ def segmented_memory_retrieval(
                 k_seg = sigma_k[:, :, first : L + stop].unsqueeze(2)  # (B, Hkv, 1, N, Dk)
                 v_seg = values_aug[:, :, first : L + stop].unsqueeze(2)
                 _, state = prefix_memories(state, k_seg, v_seg, update)
+                written = True
     both = reads[0] if len(reads) == 1 else torch.cat(reads, dim=2)  # (B, H, T, Dv + 1)
     numerator, denominator = both.split([Dv, 1], dim=-1)  # split: its backward concatenates, no zero-filled slices
-    return numerator, denominator.clamp_min(EPS), split_augmented(state)
+    return numerator, denominator.clamp_min(EPS), split_augmented(state) if written else memory
 
 
 class CausalSelfAttention(nn.Module):

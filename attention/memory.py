@@ -186,7 +186,7 @@ def segment_memories(
 
     Returns M_prev (B, Hkv, S, Dk, Dv) and z_prev (B, Hkv, S, Dk), where [:, :, s] is the state *before*
     segment s (retrieval precedes the update), and the memory after the n_complete complete segments.
-    The un-augmented view of `prefix_memories`, which the layers call directly.
+    The un-augmented interface to `prefix_memories` (the layers call `prefix_memories` itself, on [M | z]).
     """
     S = sigma_k.shape[2]
     if not 0 <= n_complete <= S or n_complete < S - 1:

@@ -216,7 +216,8 @@ class PasskeyDataset(Dataset):
         self.length_jitter = length_jitter
         self.prompt(0)  # fail now, with the minimum length, if seq_len is too short
         longest_answer = len(tokenizer.encode(ANSWER.format(key="9" * digits)))
-        self.template.prompt(seq_len + 1 - longest_answer - length_jitter, 0.0, "9" * digits)  # ... or the jitter
+        # ... and with the jitter (a key's token count varies with a BPE tokenizer, hence both checks)
+        self.template.prompt(seq_len + 1 - longest_answer - length_jitter, 0.0, "9" * digits)
 
     def prompt(self, index: int) -> PasskeyPrompt:
         """The prompt of example `index` (its passkey, depth and needle position)."""

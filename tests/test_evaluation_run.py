@@ -33,7 +33,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 LENGTHS, DEPTHS, TRIALS = [260, 300], [0.0, 0.5, 1.0], 2
 
 
-
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     base = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, segment_len=32, attention="infini",
                 attention_backend="sdpa")
