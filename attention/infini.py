@@ -32,16 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from attention.backends import causal_attention
-from attention.memory import (
-    EPS,
-    Memory,
-    augment,
-    feature_map_contiguous,
-    memory_dtype,
-    prefix_memories,
-    split_augmented,
-    with_ones,
-)
+from attention.memory import EPS, Memory, augment, memory_dtype, split_augmented, with_ones
+from attention.rules import MemoryRule, build_rule
 
 
 class Rope(Protocol):
@@ -49,9 +41,6 @@ class Rope(Protocol):
     start .. start + n - 1."""
 
     def rotate(self, x: Tensor, start: int = 0) -> Tensor: ...
-
-
-MEMORY_UPDATES = ("linear", "delta")
 
 
 class AttentionState(NamedTuple):
@@ -127,31 +116,36 @@ def segmented_causal_attention(
 
 
 def segmented_memory_retrieval(
-    q: Tensor, keys: Tensor, values: Tensor, memory: Memory, segment_len: int, update: str
+    q: Tensor, keys: Tensor, values: Tensor, memory: Memory, segment_len: int, rule: MemoryRule,
+    strength: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Memory]:
-    """Each query reads the memory as it stood before its segment (3); complete segments are written (4)/(5).
+    """Each query reads the memory as it stood before its segment (3); complete segments are written by the rule
+    ((4), (5) or a variant).
 
-    q: (B, H, T, Dk) un-rotated queries of the new tokens; keys: (B, Hkv, P, Dk) and values: (B, Hkv, P, Dv) of
-    the cached + new tokens; all in the memory dtype. Returns the two terms of (3) for every new token, the
-    numerator sigma(Q) M_{s-1}: (B, H, T, Dv) and the clamped denominator sigma(Q) z_{s-1}: (B, H, T, 1)
-    (A_mem = numerator / denominator; the layer folds the division into the gate), and the memory after every
-    complete segment.
+    q: (B, H, T, D) un-rotated queries of the new tokens; keys: (B, Hkv, P, D) and values: (B, Hkv, P, Dv) of
+    the cached + new tokens; all in the memory dtype; strength: per-token write strength (B, Hkv, P) or None.
+    Returns the two terms of (3) for every new token, the numerator sigma(Q) M_{s-1}: (B, H, T, Dv) and the
+    clamped denominator sigma(Q) z_{s-1}: (B, H, T, 1) (A_mem = numerator / denominator; the layer folds the
+    division into the gate), and the memory after every complete segment.
     """
-    B, H, T, Dk = q.shape
+    B, H, T, _ = q.shape
     Hkv, P, Dv = values.shape[1], values.shape[2], values.shape[3]
     G, N, L = H // Hkv, segment_len, P - T
     # head-major copies: the matmuls batch over (B, Hkv, segments); a group's query heads read their KV head's memory
-    sigma_q = feature_map_contiguous(q).view(B, Hkv, G, T, Dk)
-    sigma_k = feature_map_contiguous(keys)  # (B, Hkv, P, Dk)
+    sigma_q = rule.features(q)  # (B, H, T, Dk)
+    Dk = sigma_q.shape[-1]
+    sigma_q = sigma_q.view(B, Hkv, G, T, Dk)
+    sigma_k = rule.features(keys)  # (B, Hkv, P, Dk)
     values_aug = with_ones(values)  # [V | 1]: (B, Hkv, P, Dv + 1)
     state = augment(memory)  # [M | z]: (B, Hkv, Dk, Dv + 1)
     written = False  # decoding mostly reads: the memory object then goes back unchanged, not re-split and copied
     reads = []  # [sigma(Q) M | sigma(Q) z] per span of new tokens: (B, H, n, Dv + 1)
     for start, stop, S in _time_spans(T, L, N):
-        if S:  # whole segments: every M_{s-1} at once (linear) or by a scan (delta)
+        if S:  # whole segments: every M_{s-1} at once (parallel form) or by a scan, as the rule does it
             k_seg = sigma_k[:, :, L + start : L + stop].view(B, Hkv, S, N, Dk)
             v_seg = values_aug[:, :, L + start : L + stop].view(B, Hkv, S, N, Dv + 1)
-            prev, state = prefix_memories(state, k_seg, v_seg, update)  # prev: (B, Hkv, S, Dk, Dv + 1)
+            beta = None if strength is None else strength[:, :, L + start : L + stop].reshape(B, Hkv, S, N)
+            prev, state = rule.prefix(state, k_seg, v_seg, beta)  # prev: (B, Hkv, S, Dk, Dv + 1)
             written = True
             q_seg = sigma_q[:, :, :, start:stop].reshape(B, Hkv, G, S, N, Dk)
             reads.append((q_seg @ prev.unsqueeze(2)).view(B, H, stop - start, Dv + 1))  # (B, Hkv, G, S, N, Dv+1)
@@ -161,7 +155,8 @@ def segmented_memory_retrieval(
             if L + stop - first == N:  # the segment is complete: write it
                 k_seg = sigma_k[:, :, first : L + stop].unsqueeze(2)  # (B, Hkv, 1, N, Dk)
                 v_seg = values_aug[:, :, first : L + stop].unsqueeze(2)
-                _, state = prefix_memories(state, k_seg, v_seg, update)
+                beta = None if strength is None else strength[:, :, first : L + stop].unsqueeze(2)
+                _, state = rule.prefix(state, k_seg, v_seg, beta)
                 written = True
     both = reads[0] if len(reads) == 1 else torch.cat(reads, dim=2)  # (B, H, T, Dv + 1)
     numerator, denominator = both.split([Dv, 1], dim=-1)  # split: its backward concatenates, no zero-filled slices
@@ -240,7 +235,12 @@ class InfiniAttention(CausalSelfAttention):
 
     The memory uses the same Q/K/V projections as the local path, *before* RoPE, and there is one memory per
     key/value head: with grouped-query attention the query heads of a group read their KV head's memory, each
-    with its own sigma(Q) and its own gate.
+    with its own sigma(Q) and its own gate. How the memory is written (eq. (4), (5) or a research variant, its
+    feature map, an optional per-token write gate) is the layer's `rule` (attention/rules/).
+
+    `write_keep` is a probe instrument, not state: None normally; a (B, P) tensor of 0/1 (or weights) makes a
+    call that starts a fresh stream multiply token t's write by write_keep[:, t] (write knock-outs,
+    evaluation/memory_probe.py).
     """
 
     def __init__(
@@ -250,21 +250,30 @@ class InfiniAttention(CausalSelfAttention):
         n_kv_heads: int,
         segment_len: int,
         rope: Rope,
-        memory_update: str = "linear",
+        memory_update: str | MemoryRule = "linear",
         gate_init: float = 0.0,
         backend: str = "auto",
+        feature_map: str = "elu",
+        write_gate: bool = False,
+        write_gate_init: float = 4.0,
     ):
         super().__init__(dim, n_heads, n_kv_heads, segment_len, rope, backend)
-        if memory_update not in MEMORY_UPDATES:
-            raise ValueError(f"unknown memory_update {memory_update!r}; expected one of {MEMORY_UPDATES}")
-        self.memory_update = memory_update
+        if isinstance(memory_update, MemoryRule):
+            self.rule = memory_update
+        else:
+            self.rule = build_rule(memory_update, n_kv_heads, self.head_dim, feature_map, write_gate,
+                                   write_gate_init)
         self.gate_init = gate_init
         self.gate_logit = nn.Parameter(torch.full((n_heads,), float(gate_init)))  # beta in (6), one per head
+        self.write_keep: Tensor | None = None
+
+    @property
+    def memory_update(self) -> str:
+        return self.rule.name
 
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         keys, values, _ = super().empty_state(batch, device, dtype)
-        memory = Memory.empty(batch, self.n_kv_heads, self.head_dim, self.head_dim, device, dtype)
-        return AttentionState(keys, values, memory)
+        return AttentionState(keys, values, self.rule.empty(batch, device, dtype))
 
     def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
         if state is None:
@@ -275,8 +284,17 @@ class InfiniAttention(CausalSelfAttention):
         # the memory path runs in float32 even under autocast: M and z are sums over the whole stream
         dtype = memory_dtype(q.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            memory_keys, memory_values = keys.to(dtype), values.to(dtype)
+            strength = self.rule.write_strength(memory_keys, memory_values)  # (B, Hkv, P) or None
+            if self.write_keep is not None:
+                if keys.shape[2] != x.shape[1] or tuple(self.write_keep.shape) != (keys.shape[0], keys.shape[2]):
+                    raise ValueError(f"write_keep {tuple(self.write_keep.shape)} must be (batch, tokens) of a "
+                                     f"call that starts a fresh stream, got {x.shape[0]} x {x.shape[1]} tokens "
+                                     f"after {keys.shape[2] - x.shape[1]} cached")
+                keep = self.write_keep.to(dtype).unsqueeze(1).expand(-1, self.n_kv_heads, -1)  # (B, Hkv, P)
+                strength = keep if strength is None else strength * keep
             numerator, denominator, memory = segmented_memory_retrieval(
-                q.to(dtype), keys.to(dtype), values.to(dtype), state.memory, self.segment_len, self.memory_update,
+                q.to(dtype), memory_keys, memory_values, state.memory, self.segment_len, self.rule, strength,
             )
             gate = torch.sigmoid(self.gate_logit).view(-1, 1, 1)  # (H, 1, 1)
             # (6) with A_mem = numerator / denominator (3) folded in, so A_mem is never materialised (nor saved):

@@ -8,6 +8,10 @@ Equation numbers follow v1 of the paper (v2 renumbers them (7)-(10)):
 
 Shape legend: B batch, Hkv key/value heads, S segments, N segment length, n tokens, Dk key dim, Dv value dim.
 
+This module holds the state and the equations as plain functions; the write rules the layers use (the paper's
+(4) and (5) and research variants), with their feature maps, batched forms and naive references, live in
+attention/rules/.
+
 Choices the paper leaves open, and ours:
   * M_0 = 0, z_0 = 0: an empty memory holds nothing, so the first segment reads nothing from it.
   * The denominator is clamped from below at EPS, not shifted by it: with z_0 = 0 the numerator is exactly 0 too,
@@ -20,12 +24,15 @@ Choices the paper leaves open, and ours:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from attention.feature_maps import elu_plus_one
+
+if TYPE_CHECKING:
+    from attention.rules import MemoryRule
 
 EPS = 1e-6  # lower clamp of the retrieval denominator sigma(Q) z
 
@@ -52,32 +59,8 @@ def memory_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 
 def feature_map(x: Tensor) -> Tensor:
-    """sigma(x) = ELU(x) + 1: positive, so the denominator of (3) is a sum of positive terms."""
-    return F.elu(x) + 1.0
-
-
-class _FeatureMapCopy(torch.autograd.Function):
-    """sigma(x) = ELU(x) + 1 written into a new contiguous tensor, saving only that output for backward:
-    sigma'(x) = 1 for x > 0 and exp(x) = sigma(x) for x <= 0, so sigma'(x) = min(sigma(x), 1). Autograd's
-    F.elu(x) + 1 keeps x as well (a second activation-sized tensor per Q and K)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        out = x.clone(memory_format=torch.contiguous_format)
-        F.elu(out, inplace=True).add_(1.0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        return out.clamp(max=1.0).mul_(grad)
-
-
-def feature_map_contiguous(x: Tensor) -> Tensor:
-    """feature_map(x) as a new contiguous tensor (the layers' fast path; same values as feature_map)."""
-    return _FeatureMapCopy.apply(x)
+    """sigma(x) = ELU(x) + 1, the paper's feature map (the rules' maps live in attention/feature_maps.py)."""
+    return elu_plus_one(x)
 
 
 def retrieve(sigma_q: Tensor, matrix: Tensor, norm: Tensor) -> Tensor:
@@ -136,46 +119,9 @@ def retrieve_augmented(sigma_q: Tensor, augmented: Tensor) -> Tensor:
     return numerator * denominator.clamp_min(EPS).reciprocal()
 
 
-def prefix_memories(augmented: Tensor, sigma_k: Tensor, values_aug: Tensor, update: str) -> tuple[Tensor, Tensor]:
-    """State before each of S complete segments, and after the last, in the augmented form.
-
-    augmented: (B, Hkv, Dk, Dv + 1) [M | z] before the first segment; sigma_k: (B, Hkv, S, N, Dk);
-    values_aug: (B, Hkv, S, N, Dv + 1) = [V | 1]. Returns prev (B, Hkv, S, Dk, Dv + 1) with prev[:, :, s] the state
-    *before* segment s (retrieval precedes the update), and the state after segment S - 1.
-
-    linear: parallel form. The increments sigma(K_s)^T [V_s | 1] are independent: one batched matmul computes all
-            of them and a prefix sum over segments gives every state at once (a matmul with a triangular 0/1
-            matrix while S < N, else cumsum).
-    delta:  the increment of segment s depends on M_{s-1}, so a scan over segments (two small matmuls per step).
-    """
-    if update == "linear":
-        increments = sigma_k.transpose(-1, -2) @ values_aug  # (B, Hkv, S, Dk, Dv + 1)
-        B, Hkv, S, N = sigma_k.shape[:4]
-        if S + 1 <= N:
-            # the prefix sums as one matmul with a (S + 1, S) 0/1 matrix: row s < S sums the segments before s
-            # (strictly lower triangle), row S all of them. Costs (S + 1) / N of the retrieval's FLOPs, and beats
-            # cumsum + the slicing/concatenation of inclusive and exclusive sums (cumsum's backward flips twice)
-            sums = torch.ones(S + 1, S, device=increments.device, dtype=increments.dtype).tril_(-1)
-            states = augmented.unsqueeze(2) + (sums @ increments.flatten(3)).view(B, Hkv, S + 1, *increments.shape[3:])
-            prev, final = states.split([S, 1], dim=2)  # split: its backward concatenates, no zero-filled slices
-            return prev, final.squeeze(2)
-        after = augmented.unsqueeze(2) + increments.cumsum(2)  # state after each segment
-        prev = torch.cat([augmented.unsqueeze(2), after[:, :, :-1]], dim=2)
-        return prev, after[:, :, -1]
-    if update == "delta":
-        states = []
-        # unbind, not x[:, :, s]: the backward of an index zero-fills a whole-size gradient per segment (quadratic)
-        for k_s, v_s in zip(sigma_k.unbind(2), values_aug.unbind(2)):
-            states.append(augmented)
-            stored = retrieve_augmented(k_s, augmented)  # (B, Hkv, N, Dv): what M_{s-1} returns for these keys
-            write = v_s - F.pad(stored, (0, 1))  # [V - stored | 1]
-            augmented = augmented + k_s.transpose(-1, -2) @ write
-        return torch.stack(states, dim=2), augmented
-    raise ValueError(f"unknown memory update {update!r}; expected 'linear' or 'delta'")
-
-
 def segment_memories(
-    memory: Memory, sigma_k: Tensor, values: Tensor, n_complete: int, update: str
+    memory: Memory, sigma_k: Tensor, values: Tensor, n_complete: int, update: str | MemoryRule,
+    strength: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Memory]:
     """Memory state seen by every segment of a segment-aligned block, and the state after it.
 
@@ -186,17 +132,25 @@ def segment_memories(
 
     Returns M_prev (B, Hkv, S, Dk, Dv) and z_prev (B, Hkv, S, Dk), where [:, :, s] is the state *before*
     segment s (retrieval precedes the update), and the memory after the n_complete complete segments.
-    The un-augmented interface to `prefix_memories` (the layers call `prefix_memories` itself, on [M | z]).
+    update: a rule name (attention/rules) or a MemoryRule; strength: per-token write strength (B, Hkv, S, N) or
+    None. The un-augmented interface to `MemoryRule.prefix` (the layers call `prefix` itself, on [M | z]).
     """
+    from attention.rules import MemoryRule, rule_names
+
+    if not isinstance(update, MemoryRule):
+        if update not in rule_names():
+            raise ValueError(f"unknown memory update {update!r}; expected one of {rule_names()}")
+        from attention.rules import build_rule
+
+        update = build_rule(update, sigma_k.shape[1], values.shape[-1])
     S = sigma_k.shape[2]
     if not 0 <= n_complete <= S or n_complete < S - 1:
         raise ValueError(f"n_complete={n_complete} must be S or S - 1 for S={S} segments")
-    if update not in ("linear", "delta"):
-        raise ValueError(f"unknown memory update {update!r}; expected 'linear' or 'delta'")
     augmented = augment(memory)
     if n_complete:
         values_aug = with_ones(values[:, :, :n_complete])
-        prev, final = prefix_memories(augmented, sigma_k[:, :, :n_complete], values_aug, update)
+        beta = None if strength is None else strength[:, :, :n_complete]
+        prev, final = update.prefix(augmented, sigma_k[:, :, :n_complete], values_aug, beta)
     else:
         prev, final = augmented.unsqueeze(2)[:, :, :0], augmented
     if n_complete < S:  # the incomplete segment reads the state after the complete ones

@@ -1,7 +1,9 @@
 """Naive reference of Infini-attention: a loop over segments and heads, written straight from the paper.
 
-Slow and obviously correct; shares no code with the fast path except the RoPE callable it is given. Tests run it
-in float64 against the batched layer (outputs, memory states, gradients).
+Slow and obviously correct; shares no code with the fast path except the RoPE callable it is given and, for the
+memory, the rule's own naive pieces (its feature map's `reference`, its write gate's `reference` and its
+per-token `reference_write`). Tests run it in float64 against the batched layer (outputs, memory states,
+gradients).
 """
 
 from __future__ import annotations
@@ -12,10 +14,7 @@ import torch
 from torch import Tensor
 
 from attention.memory import EPS
-
-
-def _sigma(x: Tensor) -> Tensor:
-    return torch.where(x > 0, x + 1.0, torch.exp(x))  # ELU(x) + 1, written out
+from attention.rules import MemoryRule, build_rule
 
 
 def reference_infini_attention(
@@ -25,21 +24,27 @@ def reference_infini_attention(
     segment_len: int | None,
     rope,
     gate_logit: Tensor | None = None,
-    memory_update: str = "linear",
+    memory_update: str | MemoryRule = "linear",
+    write_keep: Tensor | None = None,
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """q: (B, H, T, D), k and v: (B, Hkv, T, D), un-rotated. segment_len None: one segment (full attention).
-    gate_logit None: no memory (local attention); else (H,) and the memory is used.
+    gate_logit None: no memory (local attention); else (H,) and the memory is used, written by `memory_update`
+    (a rule name or the layer's MemoryRule, whose write-gate parameters are then used). write_keep: (B, T)
+    multiplier of each token's write (the probes' knock-out), or None.
 
     Returns the attention output (B, H, T, D) before the output projection, and the memory (M, z) after each
     segment, the last (possibly shorter) segment included: [(M_1, z_1), (M_2, z_2), ...],
-    M: (B, Hkv, D, D), z: (B, Hkv, D).
+    M: (B, Hkv, Dk, D), z: (B, Hkv, Dk).
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
     N = T if segment_len is None else segment_len
-    M = torch.zeros(B, Hkv, D, D, dtype=q.dtype, device=q.device)
-    z = torch.zeros(B, Hkv, D, dtype=q.dtype, device=q.device)
+    rule = memory_update if isinstance(memory_update, MemoryRule) else build_rule(memory_update, Hkv, D)
+    sigma = rule.feature_map.reference
+    Dk = rule.key_dim
+    M = torch.zeros(B, Hkv, Dk, D, dtype=q.dtype, device=q.device)
+    z = torch.zeros(B, Hkv, Dk, dtype=q.dtype, device=q.device)
     out = torch.zeros_like(q)
     memories = []
     for start in range(0, T, N):
@@ -57,7 +62,7 @@ def reference_infini_attention(
                 out[:, h, start:stop] = a_dot
                 continue
             # (3) retrieval from the memory of the previous segments
-            sq = _sigma(qs)
+            sq = sigma(qs)
             a_mem = torch.zeros_like(a_dot)
             for b in range(B):
                 for t in range(n):  # an empty memory (z = 0, M = 0) gives 0 / EPS = 0
@@ -67,17 +72,20 @@ def reference_infini_attention(
             out[:, h, start:stop] = g * a_mem + (1 - g) * a_dot
         if gate_logit is None:
             continue
-        # (4) / (5): write the segment after every head has read the memory
+        # (4) / (5) / a variant: write the segment, token by token, after every head has read the memory
         M_new, z_new = M.clone(), z.clone()
         for kv in range(Hkv):
-            sk, vs = _sigma(k[:, kv, start:stop]), v[:, kv, start:stop]  # (B, n, D)
+            ks, vs = k[:, kv, start:stop], v[:, kv, start:stop]  # (B, n, D)
+            sk = sigma(ks)  # (B, n, Dk)
             for b in range(B):
                 for t in range(n):
-                    value = vs[b, t]
-                    if memory_update == "delta":  # subtract what M_{s-1} already retrieves for this key
-                        value = value - (sk[b, t] @ M[b, kv]) / (sk[b, t] @ z[b, kv]).clamp_min(EPS)
-                    M_new[b, kv] = M_new[b, kv] + torch.outer(sk[b, t], value)
-                    z_new[b, kv] = z_new[b, kv] + sk[b, t]
+                    strength = torch.ones((), dtype=q.dtype, device=q.device)
+                    if rule.write_gate is not None:
+                        strength = rule.write_gate.reference(ks[b, t], vs[b, t], kv)
+                    if write_keep is not None:
+                        strength = strength * write_keep[b, start + t]
+                    M_new[b, kv], z_new[b, kv] = rule.reference_write(M_new[b, kv], z_new[b, kv], M[b, kv], z[b, kv],
+                                                                      sk[b, t], vs[b, t], strength)
         M, z = M_new, z_new
         memories.append((M, z))
     return out, memories
@@ -91,6 +99,7 @@ def reference_layer(layer, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor
     k = (x @ layer.wk.weight.T).view(B, T, Hkv, D).transpose(1, 2)
     v = (x @ layer.wv.weight.T).view(B, T, Hkv, D).transpose(1, 2)
     gate_logit = getattr(layer, "gate_logit", None)
-    update = getattr(layer, "memory_update", "linear")
-    a, memories = reference_infini_attention(q, k, v, layer.segment_len, layer.rope, gate_logit, update)
+    rule = getattr(layer, "rule", "linear")
+    keep = getattr(layer, "write_keep", None)
+    a, memories = reference_infini_attention(q, k, v, layer.segment_len, layer.rope, gate_logit, rule, keep)
     return a.transpose(1, 2).reshape(B, T, H * D) @ layer.wo.weight.T, memories

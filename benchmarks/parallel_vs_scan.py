@@ -8,7 +8,7 @@ empty initial memory): A_mem of every token, each segment reading the memory of 
 the memory after the last segment (4). The loss is sum(A_mem) + sum(M_S) + sum(z_S), so backward reaches every
 input through both.
 
-  parallel  what the layer runs (attention.memory.prefix_memories, update "linear"): one batched matmul for every
+  parallel  what the layer runs (attention.rules.linear.Linear.prefix, update "linear"): one batched matmul for every
             segment's increment sigma(K_s)^T [V_s | 1], a prefix sum over segments for every M_{s-1}, then one
             batched retrieval sigma(Q) [M | z] for all segments.
   loop      the recurrence as written in the paper, one segment after another: retrieve with M_{s-1} (eq. 3,
@@ -17,7 +17,7 @@ input through both.
             whole-size gradient per segment, quadratic in S), and A_mem is stacked once.
   loop-indexed  the same loop reading segment s as x[:, :, s], as per-segment ports usually write it: each index's
             backward materialises a zero-filled gradient of the whole input, so backward is quadratic in S.
-  delta     (for reference) the delta rule's scan (prefix_memories, update "delta"), which cannot be parallel.
+  delta     (for reference) the delta rule's scan (attention.rules.delta.Delta.prefix), which cannot be parallel.
 
 Every configuration is timed `--repeats` times, variants interleaved (parallel, loop, ..., parallel, ...), and
 the median is reported; ratios are taken between medians of the same run. loop-indexed and delta get at most
@@ -47,10 +47,10 @@ from attention.memory import (  # noqa: E402
     EPS,
     feature_map,
     linear_update,
-    prefix_memories,
     retrieve,
     with_ones,
 )
+from attention.rules import build_rule  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "parallel_vs_scan.json"
 
@@ -58,7 +58,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "parallel_vs_scan.json"
 def parallel(sigma_q, sigma_k, values, update="linear"):
     B, H, S, N, D = sigma_q.shape
     state = sigma_q.new_zeros(B, H, D, D + 1)  # [M | z], empty
-    prev, final = prefix_memories(state, sigma_k, with_ones(values), update)  # prev: (B, H, S, D, D + 1)
+    rule = build_rule(update, H, D)
+    prev, final = rule.prefix(state, sigma_k, with_ones(values), None)  # prev: (B, H, S, D, D + 1)
     numerator, denominator = (sigma_q @ prev).split([D, 1], dim=-1)
     a_mem = numerator * denominator.clamp_min(EPS).reciprocal()  # (B, H, S, N, D)
     return a_mem, final[..., :D], final[..., D]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attention.feature_maps import FEATURE_MAPS
+from attention.rules import rule_names
+
 ATTENTION_KINDS = ("infini", "full", "local")
-MEMORY_UPDATES = ("linear", "delta")
 ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 
@@ -34,7 +36,16 @@ class ModelConfig:
     """infini: local attention + compressive memory + gate; full: causal attention over the whole stream
     (baseline); local: attention inside each segment only, no memory (ablation)."""
     memory_update: str = "linear"
-    """Memory write rule of `infini`: linear (eq. 4) or delta (eq. 5)."""
+    """Memory write rule of `infini` (attention/rules/): linear (eq. 4, the paper's default) or delta (eq. 5); research
+    variants: delta_corrected (eq. 5 with the associative recurrent memory transformer's z correction)."""
+    memory_feature_map: str = "elu"
+    """sigma of the memory (attention/feature_maps.py): elu (ELU + 1, the paper's) or dpfp (a research variant:
+    sparser features of dimension 6 x head_dim, L2-normalised)."""
+    memory_write_gate: bool = False
+    """A research variant: a learned per-token write strength beta_t = sigmoid(w . [k_t; v_t] + b) per KV head
+    scales each token's write (M and z alike). False: the paper's layer, every token written with weight 1."""
+    memory_write_gate_init: float = 4.0
+    """Initial bias b of the write gate (weights start at 0): sigmoid(4) = 0.98, nearly the paper's rule."""
     segment_len: int = 2048
     """N: tokens per segment for `infini` and `local` (ignored by `full`)."""
     gate_init: float = 0.0
@@ -89,7 +100,8 @@ class ModelConfig:
             )
         for name, allowed in (
             ("attention", ATTENTION_KINDS),
-            ("memory_update", MEMORY_UPDATES),
+            ("memory_update", rule_names()),
+            ("memory_feature_map", tuple(FEATURE_MAPS)),
             ("attention_backend", ATTENTION_BACKENDS),
         ):
             if getattr(self, name) not in allowed:

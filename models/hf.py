@@ -12,14 +12,17 @@ Hugging Face directory as its tokenizer, which data/tokenizer.py loads through `
 Every Llama weight has a counterpart: embed_tokens -> tok_embeddings, q/k/v/o_proj -> attention.wq/wk/wv/wo
 (grouped-query heads unchanged, both use the rotate_half layout so nothing is permuted), gate/up/down_proj ->
 feed_forward.w1/w3/w2, input/post_attention_layernorm -> attention_norm/ffn_norm, norm, lm_head -> output (or
-tied to the embedding). What Llama lacks is the gate logit beta of each Infini-attention head: it starts at
-ModelConfig.gate_init, or with `preserve_original` at ORIGINAL_BEHAVIOUR_GATE_LOGIT, where the converted model
-computes exactly what the original does on any input no longer than one segment (see that constant).
+tied to the embedding). What Llama lacks are the Infini-attention parameters: the gate logit beta of each head,
+which starts at ModelConfig.gate_init, or with `preserve_original` at ORIGINAL_BEHAVIOUR_GATE_LOGIT, where the
+converted model computes exactly what the original does on any input no longer than one segment (see that
+constant); and whatever parameters the memory rule has (e.g. a write gate), which start as the rule initialises
+them.
 
 Export writes a directory `transformers.LlamaForCausalLM.from_pretrained` loads (config.json with both the v5
 `rope_parameters` and the v4 `rope_theta`/`rope_scaling` keys, model.safetensors), plus our side files:
 infini_attention.json (the full ModelConfig: attention kind, segment length, memory rule, RoPE knobs) and
-infini_attention.safetensors (the gate logits). Importing such a directory restores our model exactly.
+infini_attention.safetensors (every Infini-attention parameter Llama lacks: gate logits, memory-rule
+parameters). Importing such a directory restores our model exactly.
 """
 
 from __future__ import annotations
@@ -365,13 +368,12 @@ def from_hf(
     state = {ours: tensors[theirs].to(device=device, dtype=dtype) for ours, theirs in names.items()}
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    gate_names = [f"layers.{i}.attention.gate_logit" for i in range(config.n_layers)]
     if config.attention == "infini":
-        # trained gates from a to_hf side file, unless the caller asks for fresh ones
-        fresh = preserve_original or "gate_init" in user_overrides or not side_path.is_file()
-        gates = {} if fresh else _side_gates(directory, gate_names, config)
-        for name in gate_names:
-            state[name] = gates.get(name, torch.full((config.n_heads,), config.gate_init)).to(device, dtype)
+        # trained gates and rule parameters from a to_hf side file, unless the caller asks for fresh gates
+        extras = _fresh_extras(config)
+        if not (preserve_original or "gate_init" in user_overrides or not side_path.is_file()):
+            extras = _side_extras(directory, extras)
+        state.update({name: t.to(device, dtype) for name, t in extras.items()})
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(state, strict=True, assign=True)
@@ -380,20 +382,43 @@ def from_hf(
     return model.eval()
 
 
-def _side_gates(directory: Path, gate_names: list[str], config: ModelConfig) -> dict[str, torch.Tensor]:
+def is_extra_parameter(name: str) -> bool:
+    """Whether a parameter of our Transformer has no Llama counterpart: the Infini-attention gate logits and the
+    memory rule's parameters (everything under layers.<i>.attention. but the four projections)."""
+    if ".attention." not in name or not name.startswith("layers."):
+        return False
+    return not name.endswith((".wq.weight", ".wk.weight", ".wv.weight", ".wo.weight"))
+
+
+def _fresh_extras(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The Infini-attention parameters of a freshly initialised model of this config (gates at gate_init)."""
+    from attention.rules import build_rule
+
+    extras = {}
+    for i in range(config.n_layers):
+        extras[f"layers.{i}.attention.gate_logit"] = torch.full((config.n_heads,), float(config.gate_init))
+        rule = build_rule(config.memory_update, config.n_kv_heads, config.head_dim, config.memory_feature_map,
+                          config.memory_write_gate, config.memory_write_gate_init)
+        extras.update({f"layers.{i}.attention.rule.{name}": t.detach() for name, t in rule.state_dict().items()})
+    return extras
+
+
+def _side_extras(directory: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The side file's Infini-attention parameters: every expected name, with the expected shape."""
     path = directory / SIDE_WEIGHTS
     if not path.is_file():
         raise ConversionError(f"{directory}: {SIDE_CONFIG} describes an infini model but {SIDE_WEIGHTS} is missing")
     with safe_open(str(path), "pt") as f:
         present = set(f.keys())
-        missing = sorted(set(gate_names) - present)
+        missing = sorted(set(expected) - present)
         if missing:
             raise ConversionError(f"{path}: missing tensors {missing}")
-        gates = {name: f.get_tensor(name) for name in gate_names}
-    wrong = [name for name, t in gates.items() if tuple(t.shape) != (config.n_heads,)]
+        loaded = {name: f.get_tensor(name) for name in expected}
+    wrong = [f"{name} {tuple(t.shape)} != {tuple(expected[name].shape)}" for name, t in loaded.items()
+             if t.shape != expected[name].shape]
     if wrong:
-        raise ConversionError(f"{path}: gate tensors with the wrong shape (expected ({config.n_heads},)): {wrong}")
-    return gates
+        raise ConversionError(f"{path}: tensors with the wrong shape: {wrong}")
+    return loaded
 
 
 def to_hf(
@@ -421,10 +446,10 @@ def to_hf(
     (directory / HF_CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True))
     side = {"model": asdict(config), "note": "Infini-attention fields of this checkpoint; see models/hf.py"}
     (directory / SIDE_CONFIG).write_text(json.dumps(side, indent=2, sort_keys=True))
-    gates = {name: p.detach().to("cpu", dtype).contiguous() for name, p in params.items()
-             if name.endswith("attention.gate_logit")}
-    if gates:
-        save_file(gates, str(directory / SIDE_WEIGHTS), metadata={"format": "pt"})
+    extras = {name: p.detach().to("cpu", dtype).contiguous() for name, p in params.items()
+              if is_extra_parameter(name)}
+    if extras:
+        save_file(extras, str(directory / SIDE_WEIGHTS), metadata={"format": "pt"})
     elif (directory / SIDE_WEIGHTS).exists():
         (directory / SIDE_WEIGHTS).unlink()
     if tokenizer_dir is not None:
@@ -492,7 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("hf_directory")
     imp.add_argument("output_directory")
     imp.add_argument("--attention", choices=("infini", "full", "local"), default=None)
-    imp.add_argument("--memory-update", choices=("linear", "delta"), default=None)
+    imp.add_argument("--memory-update", default=None, help="a memory rule (ModelConfig.memory_update); the config "
+                     "names the allowed ones if it is not one")
     imp.add_argument("--segment-len", type=int, default=None)
     imp.add_argument("--gate-init", type=float, default=None)
     imp.add_argument("--preserve-original", action="store_true",

@@ -44,7 +44,8 @@ def build_attention(cfg: ModelConfig, rope: RotaryEmbedding) -> CausalSelfAttent
     """The attention kind is configuration; every kind has the interface (x, state) -> (y, state)."""
     if cfg.attention == "infini":
         return InfiniAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.segment_len, rope,
-                               cfg.memory_update, cfg.gate_init, cfg.attention_backend)
+                               cfg.memory_update, cfg.gate_init, cfg.attention_backend, cfg.memory_feature_map,
+                               cfg.memory_write_gate, cfg.memory_write_gate_init)
     segment_len = None if cfg.attention == "full" else cfg.segment_len
     return CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, segment_len, rope, cfg.attention_backend)
 
@@ -68,7 +69,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, init_std) weights; residual output projections (wo, w2) scaled by 1/sqrt(2 n_layers)
-        (GPT-2); norms at 1; gate logits at gate_init. Callable again after meta-device construction."""
+        (GPT-2); norms at 1; gate logits at gate_init; memory-rule parameters as the rule says. Callable again
+        after meta-device construction."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
@@ -81,6 +83,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, InfiniAttention):
                 nn.init.constant_(module.gate_logit, module.gate_init)
+                module.rule.reset_parameters()
         if self.config.tie_embeddings:  # the loop above re-initialised the shared matrix as a Linear
             nn.init.normal_(self.tok_embeddings.weight, std=std)
 

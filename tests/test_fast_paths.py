@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import models.transformer as transformer_module
-from attention.memory import feature_map, feature_map_contiguous
+from attention.feature_maps import EluPlusOne
+from attention.memory import feature_map
 from models import ModelConfig, Transformer
 from models.layers import RMSNorm, SwiGLU, _RMSNormFunction, rms_norm_reference, swiglu_reference
 from models.rope import RopeScaling, RotaryEmbedding, rotate_half
@@ -107,6 +108,7 @@ def test_swiglu_fast_path_matches_reference_values_and_gradients():
 
 
 def test_feature_map_copy_matches_elu_plus_one_values_and_gradients():
+    feature_map_contiguous = EluPlusOne(4)
     x = (rand(2, 3, 50, 4) * 4).detach().requires_grad_()
     transposed = x.transpose(1, 2)  # a non-contiguous input, as the layers pass it
     fast = feature_map_contiguous(transposed)
