@@ -37,6 +37,7 @@ from training.data import build_data
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallel import Runtime, all_gather_objects, all_reduce_sum, init_runtime, no_sync, parallelize
+from training.stages import Stage, resolve_stages, stage_at
 
 register_configs()
 
@@ -173,7 +174,7 @@ def to_train_config(cfg: DictConfig | TrainConfig) -> tuple[TrainConfig, dict[st
     return typed, plain
 
 
-def validate(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+def validate(cfg: TrainConfig, tokenizer: Tokenizer, stages: list[Stage]) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                          f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})")
@@ -183,9 +184,10 @@ def validate(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
     if t.carry_state:
         if cfg.model.attention == "full":
             raise ValueError("trainer.carry_state needs a bounded state: not available for model.attention=full")
-        if cfg.data.seq_len % cfg.model.segment_len:
-            raise ValueError(f"trainer.carry_state needs data.seq_len ({cfg.data.seq_len}) to be a multiple of "
-                             f"model.segment_len ({cfg.model.segment_len})")
+        for where, data in [("data", cfg.data), *((f"{s.label}.data", s.data) for s in stages)]:
+            if data.seq_len % cfg.model.segment_len:
+                raise ValueError(f"trainer.carry_state needs {where}.seq_len ({data.seq_len}) to be a multiple of "
+                                 f"model.segment_len ({cfg.model.segment_len})")
 
 
 def load_initial_weights(model: Transformer, path: str) -> None:
@@ -222,10 +224,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     """Train (and evaluate) as `config` says. Returns a summary: final step, losses, checkpoint, passkey results."""
     cfg, plain_config = to_train_config(config)
+    stages = resolve_stages(cfg)  # every stage's overrides checked now, before anything runs
     runtime = init_runtime(cfg.trainer)
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    validate(cfg, tokenizer)
+    validate(cfg, tokenizer, stages)
     run_dir = Path(cfg.trainer.run_dir)
 
     model = Transformer(cfg.model)
@@ -234,15 +237,31 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     model = model.to(runtime.device)
     module = parallelize(model, cfg.trainer, runtime)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-    data = build_data(cfg.data, tokenizer, runtime.rank, runtime.world_size)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps, [(s.steps, s.optim) for s in stages])
+
+    def stream(of: Stage | None):
+        """The training stream of stage `of` (None: no trainer.stages, data.* as given)."""
+        return build_data(cfg.data if of is None else of.data, tokenizer, runtime.rank, runtime.world_size,
+                          segment_len=cfg.model.segment_len)
 
     step = 0
     carried: ModelState | None = None
     resume_from = resolve_resume(cfg.trainer.resume, run_dir)
-    if resume_from is not None:
-        trainer_state = load_checkpoint(resume_from, module, model, optimizer, scheduler)
+    trainer_state = load_checkpoint(resume_from, module, model, optimizer, scheduler) if resume_from else None
+    if trainer_state is not None:
         step = trainer_state["step"]
+    # the stage of the next step; a checkpoint records the stage whose stream it saved: at a stage's first step,
+    # the new stage's (the loop switches streams right after a stage's last step, before checkpointing)
+    stage = stage_at(stages, step) if stages else None
+    data = stream(stage)
+    if trainer_state is not None:
+        recorded = trainer_state.get("stage")
+        if recorded != (stage.index if stage else None):
+            raise CheckpointError(
+                f"{resume_from} was written at step {step} in stage {recorded} of trainer.stages, but this run's "
+                f"trainer.stages put step {step} in {stage.label if stage else 'no stage (trainer.stages empty)'}: "
+                "the stages changed since the checkpoint; restore them or start a new run directory"
+            )
         data_states = trainer_state["data"]
         if len(data_states) != runtime.world_size:
             raise CheckpointError(f"{resume_from} was written by {len(data_states)} processes, this run has "
@@ -258,7 +277,8 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                                "losses": {}}
     val_batches = None
     if cfg.trainer.eval_every > 0:
-        val_stream = build_data(cfg.data, tokenizer, runtime.rank, runtime.world_size, validation=True)
+        val_stream = build_data(cfg.data, tokenizer, runtime.rank, runtime.world_size, validation=True,
+                                segment_len=cfg.model.segment_len)
         val_batches = [next(val_stream) for _ in range(cfg.trainer.eval_batches)]
 
     def checkpoint(at_step: int) -> Path | None:
@@ -269,7 +289,8 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                 carry.update({f"rank{rank}/{k}": v for k, v in tensors.items()})
         return save_checkpoint(
             run_dir, at_step, module, model, optimizer, scheduler, all_gather_objects(data.state_dict(), runtime),
-            {"name": cfg.name}, cfg.data.tokenizer, plain_config, cfg.trainer.keep_last, runtime.is_main, carry,
+            {"name": cfg.name, **({"stage": stage.index, "stage_name": stage.name} if stage else {})},
+            cfg.data.tokenizer, plain_config, cfg.trainer.keep_last, runtime.is_main, carry,
         )
 
     progress = None
@@ -277,6 +298,23 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.trainer.max_steps, initial=step, desc="train", dynamic_ncols=True)
+
+    def announce(of: Stage) -> None:
+        """One line at a stage start (and at the run's start or resume), and the stage in the progress bar."""
+        if not runtime.is_main:
+            return
+        mix = f" (mix {of.data.seq_len_mix})" if of.data.seq_len_mix else ""
+        line = (f"{of.label}: steps {of.start + 1}-{of.end} of {cfg.trainer.max_steps}, seq_len {of.data.seq_len}"
+                f"{mix}, batch_size {of.data.batch_size}, lr {of.optim.lr}, warmup {of.optim.warmup_steps}, "
+                f"schedule {of.optim.schedule}")
+        if progress is not None:
+            progress.set_description(f"train {of.name}")
+            progress.write(line)
+        else:
+            print(line, flush=True)
+
+    if stage is not None:
+        announce(stage)
     last_state: ModelState | None = None
     tokens_seen, window_start = 0, time.perf_counter()
     try:
@@ -307,6 +345,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                     "(no checkpoint was written yet)."
                 )
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's lr (get_last_lr after scheduler.step: the next step's)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -315,7 +354,8 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
 
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
-                metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr,
+                           **({"train/stage": stage.index} if stage else {}),
                            "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                            **state_metrics(model, last_state)}
                 logger.log(metrics, step)
@@ -326,6 +366,12 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                 progress.update(1)
             if val_batches is not None and step % cfg.trainer.eval_every == 0:
                 logger.log(periodic_eval(cfg, model, module, val_batches, tokenizer, runtime), step)
+            if stage is not None and step < cfg.trainer.max_steps and stage_at(stages, step).index != stage.index:
+                # a stage ends: the next stage's stream, before a checkpoint at this step records it
+                stage = stage_at(stages, step)
+                data = stream(stage)
+                carried = None  # the memory of the previous stage's rows (its batch size, its sequences)
+                announce(stage)
 
             requested = all_reduce_sum(float(stop.signal is not None), runtime) > 0
             if (cfg.trainer.ckpt_every > 0 and step % cfg.trainer.ckpt_every == 0) or requested \
@@ -347,7 +393,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
 
 def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_batches, tokenizer: Tokenizer,
                   runtime: Runtime) -> dict[str, float]:
-    from evaluation.passkey import evaluate_passkey
+    from evaluation.passkey import evaluate_passkey, segment_len_of
 
     loss = validation_loss(module, val_batches, runtime)
     metrics = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
@@ -356,32 +402,45 @@ def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_b
         was_training = model.training
         model.eval()
         results = evaluate_passkey(model, tokenizer, e.passkey_lengths, e.passkey_depths, e.passkey_trials,
-                                   e.seed, e.chunk_size, digits=cfg.data.passkey_digits)
+                                   e.seed, e.chunk_size, digits=cfg.data.passkey_digits,
+                                   segment_len=segment_len_of(cfg.model), offset_classes=e.offset_classes,
+                                   offsets_per_class=e.offsets_per_class, training_length=cfg.data.seq_len)
         model.train(was_training)
         metrics["val/passkey_exact"] = results.mean("exact")
-        for length, accuracy in results.summary()["metrics"]["exact"]["per_length"].items():
+        for length, accuracy in results.per_requested_length("exact").items():  # offset classes pooled
             metrics[f"val/passkey_exact/{length}"] = accuracy
+        if results.by_class:
+            for (length, offset_class), accuracy in results.class_accuracy("exact").items():
+                metrics[f"val/passkey_exact/{length}/{offset_class}"] = accuracy
     return metrics
 
 
 def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
                   logger: MetricsLogger, step: int) -> dict[str, Any]:
     """Passkey retrieval at the final lengths: table printed, JSON + heat map in <run_dir>/passkey."""
-    from evaluation.passkey import evaluate_passkey, markdown_table
+    from evaluation.passkey import class_note, compact_table, evaluate_passkey, markdown_table, segment_len_of
 
     e = cfg.evaluation
     out_dir = run_dir / "passkey" if runtime.is_main else None
     model.eval()
     results = evaluate_passkey(model, tokenizer, e.final_passkey_lengths, e.final_passkey_depths,
                                e.final_passkey_trials, e.seed, e.chunk_size, out_dir=out_dir,
-                               digits=cfg.data.passkey_digits)
+                               digits=cfg.data.passkey_digits, segment_len=segment_len_of(cfg.model),
+                               offset_classes=e.offset_classes, offsets_per_class=e.offsets_per_class,
+                               training_length=cfg.data.seq_len)
     summary = results.summary()
     if runtime.is_main:
         print(f"\nPasskey retrieval, exact match (%), training length {cfg.data.seq_len} tokens, "
               f"{e.final_passkey_trials} trials per cell:\n")
         print(markdown_table(results, "exact"))
+        if results.by_class:
+            print(f"\nBy offset class, every depth pooled:\n\n{compact_table(results, 'exact')}\n\n"
+                  f"{class_note(results)}")
         print(f"\nmean exact match {100 * results.mean('exact'):.1f}%; outputs in {out_dir}")
-        logger.log({f"passkey/exact/{k}": v for k, v in summary["metrics"]["exact"]["per_length"].items()}, step)
+        exact = summary["metrics"]["exact"]
+        logger.log({**{f"passkey/exact/{k}": v for k, v in exact["per_requested_length"].items()},
+                    **{f"passkey/exact/{n}/{c}": v for n, by_class in exact["per_length_class"].items()
+                       for c, v in by_class.items() if results.by_class}}, step)
         heatmap = out_dir / "passkey_heatmap.png"
         if heatmap.is_file():
             logger.log_image("passkey/heatmap", heatmap, step)

@@ -238,9 +238,10 @@ class InfiniAttention(CausalSelfAttention):
     with its own sigma(Q) and its own gate. How the memory is written (eq. (4), (5) or a research variant, its
     feature map, an optional per-token write gate) is the layer's `rule` (attention/rules/).
 
-    `write_keep` is a probe instrument, not state: None normally; a (B, P) tensor of 0/1 (or weights) makes a
-    call that starts a fresh stream multiply token t's write by write_keep[:, t] (write knock-outs,
-    evaluation/memory_probe.py).
+    `write_keep` is a probe instrument, not state: None normally; a (B, P) tensor of 0/1 (or weights) multiplies
+    the writes of the P tokens a call sees (the cached tokens of the unfinished segment, then the call's own) by
+    write_keep[:, t]: write knock-outs (evaluation/memory_probe.py), which feeds segment-aligned chunks and sets
+    it per chunk.
     """
 
     def __init__(
@@ -287,10 +288,9 @@ class InfiniAttention(CausalSelfAttention):
             memory_keys, memory_values = keys.to(dtype), values.to(dtype)
             strength = self.rule.write_strength(memory_keys, memory_values)  # (B, Hkv, P) or None
             if self.write_keep is not None:
-                if keys.shape[2] != x.shape[1] or tuple(self.write_keep.shape) != (keys.shape[0], keys.shape[2]):
-                    raise ValueError(f"write_keep {tuple(self.write_keep.shape)} must be (batch, tokens) of a "
-                                     f"call that starts a fresh stream, got {x.shape[0]} x {x.shape[1]} tokens "
-                                     f"after {keys.shape[2] - x.shape[1]} cached")
+                if tuple(self.write_keep.shape) != (keys.shape[0], keys.shape[2]):
+                    raise ValueError(f"write_keep {tuple(self.write_keep.shape)} must be (batch, cached + new "
+                                     f"tokens) = ({keys.shape[0]}, {keys.shape[2]}) for this call")
                 keep = self.write_keep.to(dtype).unsqueeze(1).expand(-1, self.n_kv_heads, -1)  # (B, Hkv, P)
                 strength = keep if strength is None else strength * keep
             numerator, denominator, memory = segmented_memory_retrieval(

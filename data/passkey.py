@@ -33,6 +33,56 @@ QUESTION = "What is the pass key? The pass key is"
 SEPARATOR = "\n"
 LOSS_ON = ("answer", "all")
 ANSWER = " {key}."  # the continuation of QUESTION, as in the needle
+OFFSET_CLASSES = ("inside", "straddles", "opens")
+"""Where the answer's first token (position P, right after the prompt) falls in its segment of N tokens, r = P mod N,
+for a question of q tokens ending the prompt (see offset_class_ranges)."""
+ANSWER_OFFSETS = ("fixed", "uniform", "balanced")
+"""How PasskeyDataset places the answer within a segment (see PasskeyDataset)."""
+
+
+def offset_class_ranges(segment_len: int, question_len: int) -> dict[str, range]:
+    """The answer offsets r = P mod N of each class in OFFSET_CLASSES, for segments of N = segment_len tokens and
+    a question of q = question_len tokens that ends the prompt (it covers positions P - q .. P - 1):
+
+        opens      r == 0       the answer opens a new segment: the question is reachable only through memory
+        straddles  0 < r < q    the question crosses a segment boundary (part local, part memory)
+        inside     q <= r < N   the whole question lies in the answer's segment (plain local attention)
+
+    Why classes: segments are fixed by absolute position, so which of these a prompt tests depends only on r,
+    and a model can do well at one and fail at another. A class can be empty: `inside` when N <= q.
+    """
+    if segment_len < 1:
+        raise ValueError(f"segment_len must be >= 1, got {segment_len}")
+    if question_len < 1:
+        raise ValueError(f"question_len must be >= 1, got {question_len}")
+    return {
+        "inside": range(question_len, segment_len),
+        "straddles": range(1, min(question_len, segment_len)),
+        "opens": range(0, 1),
+    }
+
+
+def check_offset_settings(offset_classes: Sequence[str], offsets_per_class: int) -> None:
+    """Reject unknown or repeated class names and offsets_per_class < 1, naming the bad values."""
+    unknown = [c for c in offset_classes if c not in OFFSET_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown passkey offset class(es) {unknown}; expected a non-empty subset of "
+                         f"{list(OFFSET_CLASSES)}")
+    if not offset_classes:
+        raise ValueError(f"offset_classes is empty; expected a non-empty subset of {list(OFFSET_CLASSES)}")
+    repeated = sorted({c for c in offset_classes if list(offset_classes).count(c) > 1})
+    if repeated:
+        raise ValueError(f"offset_classes lists {repeated} more than once: {list(offset_classes)}")
+    if isinstance(offsets_per_class, bool) or not isinstance(offsets_per_class, int) or offsets_per_class < 1:
+        raise ValueError(f"offsets_per_class must be an integer >= 1, got {offsets_per_class!r}")
+
+
+def offset_class(offset: int, segment_len: int, question_len: int) -> str:
+    """The class (OFFSET_CLASSES) of answer offset r = P mod segment_len."""
+    for name, offsets in offset_class_ranges(segment_len, question_len).items():
+        if offset % segment_len in offsets:
+            return name
+    raise AssertionError("the classes cover 0 .. segment_len - 1")
 
 
 @dataclass
@@ -75,6 +125,11 @@ class PasskeyTemplate:
     def filler_period(self) -> int:
         """Tokens per repetition of the filler: the resolution of the needle depth."""
         return len(self.filler_next)
+
+    @property
+    def question_len(self) -> int:
+        """Tokens of the question that ends every prompt (q of offset_class_ranges)."""
+        return len(self.question)
 
     def filler(self, count: int) -> list[int]:
         """The first `count` tokens of "FILLER FILLER ...", built by repetition."""
@@ -174,11 +229,15 @@ class PasskeyDataset(Dataset):
     across segments, so predicting it needs the memory) while the answer keeps a real share of the gradient.
     The depth is drawn uniformly from `depth_range`, or from the grid `depths` when given.
 
-    length_jitter: each prompt is shorter by a random 0..length_jitter tokens (padding after the answer, no
-    loss). Why: evaluation prompts have lengths like 2^k, multiples of the segment length, so the answer starts
-    a new segment and the question is reachable only through the memory. Without jitter every training answer
-    sits at the same offset, right after the question in the same segment, and a model never learns to answer
-    from memory alone at a segment boundary. A jitter of one segment length covers every offset.
+    answer_offset: where the answer starts within its segment of segment_len tokens (r = P mod N, P the prompt
+    length; classes in offset_class_ranges). "fixed": the prompt fills the sequence, so every answer of a given
+    seq_len sits at the same offset (with seq_len a multiple of N and a 7-token answer, r = N - 6: the question
+    lies inside the last segment). "uniform": r uniform over 0..N-1. "balanced": one of OFFSET_CLASSES with
+    probability 1/3 each (opens, straddles, inside), then r uniform inside the class. The prompt is shortened by
+    (P_fixed - r) mod N tokens (0..N-1) and padded after the answer, with no loss on the padding. Why: evaluation
+    prompts have lengths like 2^k, so their answers open a new segment and the question is reachable only
+    through the memory; a model trained on one offset never learns that case. "uniform" puts only 1/N of the
+    answers on a boundary; "balanced" gives each case a third.
     """
 
     def __init__(
@@ -191,14 +250,20 @@ class PasskeyDataset(Dataset):
         depths: Sequence[float] | None = None,
         loss_on: str = "answer",
         answer_weight: float = 1.0,
-        length_jitter: int = 0,
+        answer_offset: str = "fixed",
+        segment_len: int | None = None,
     ):
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
         if not answer_weight > 0:
             raise ValueError(f"answer_weight must be positive, got {answer_weight!r}")
-        if length_jitter < 0:
-            raise ValueError(f"length_jitter must be >= 0, got {length_jitter!r}")
+        if answer_offset not in ANSWER_OFFSETS:
+            raise ValueError(f"answer_offset must be one of {ANSWER_OFFSETS}, got {answer_offset!r}")
+        if answer_offset != "fixed" and segment_len is None:
+            raise ValueError(f"answer_offset={answer_offset!r} needs the model's segment_len (offsets are "
+                             "positions within a segment)")
+        if segment_len is not None and segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {segment_len!r}")
         low, high = depth_range
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"depth_range must satisfy 0 <= low <= high <= 1, got {depth_range}")
@@ -213,11 +278,30 @@ class PasskeyDataset(Dataset):
         self.depths = list(depths) if depths is not None else None
         self.loss_on = loss_on
         self.answer_weight = answer_weight
-        self.length_jitter = length_jitter
-        self.prompt(0)  # fail now, with the minimum length, if seq_len is too short
+        self.answer_offset = answer_offset
+        self.segment_len = segment_len
+        self.offset_ranges: list[range] = []  # "balanced": one range of offsets per class, OFFSET_CLASSES order
+        if answer_offset == "balanced":
+            ranges = offset_class_ranges(segment_len, self.template.question_len)
+            empty = [name for name, offsets in ranges.items() if not offsets]
+            if empty:
+                raise ValueError(
+                    f"answer_offset='balanced' needs every offset class, but with segment_len={segment_len} and "
+                    f"a {self.template.question_len}-token question {empty} is empty (inside needs "
+                    f"segment_len > {self.template.question_len}); use answer_offset='uniform'")
+            self.offset_ranges = [ranges[name] for name in OFFSET_CLASSES]
         longest_answer = len(tokenizer.encode(ANSWER.format(key="9" * digits)))
-        # ... and with the jitter (a key's token count varies with a BPE tokenizer, hence both checks)
-        self.template.prompt(seq_len + 1 - longest_answer - length_jitter, 0.0, "9" * digits)
+        most_shortened = 0 if answer_offset == "fixed" else segment_len - 1
+        try:
+            self.prompt(0)  # fail now, with the minimum length, if seq_len is too short
+            # ... and at the most shortened prompt (a key's token count varies with a BPE tokenizer: both checks)
+            self.template.prompt(seq_len + 1 - longest_answer - most_shortened, 0.0, "9" * digits)
+        except ValueError as error:
+            if not most_shortened:
+                raise
+            raise ValueError(f"seq_len={seq_len} is too short for answer_offset={answer_offset!r} with "
+                             f"segment_len={segment_len}: prompts are shortened by up to {most_shortened} tokens, "
+                             f"and then {error}") from error
 
     def prompt(self, index: int) -> PasskeyPrompt:
         """The prompt of example `index` (its passkey, depth and needle position)."""
@@ -227,8 +311,14 @@ class PasskeyDataset(Dataset):
         passkey = random_passkey(rng, self.digits)
         depth = rng.choice(self.depths) if self.depths is not None else rng.uniform(*self.depth_range)
         answer_len = len(self.tokenizer.encode(ANSWER.format(key=passkey)))
-        shorter = rng.randrange(self.length_jitter + 1) if self.length_jitter else 0
-        return self.template.prompt(self.seq_len + 1 - answer_len - shorter, depth, passkey)
+        length = self.seq_len + 1 - answer_len  # the prompt that fills the sequence ("fixed")
+        if self.answer_offset != "fixed":  # "fixed" draws nothing more: its examples are those of before the modes
+            if self.answer_offset == "uniform":
+                offset = rng.randrange(self.segment_len)
+            else:
+                offset = rng.choice(rng.choice(self.offset_ranges))
+            length -= (length - offset) % self.segment_len
+        return self.template.prompt(length, depth, passkey)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """tokens (T,) int64, targets (T,) int64, loss_mask (T,) float32 of example `index`."""
@@ -290,8 +380,12 @@ class PasskeyBatches:
 
     def _config(self) -> dict[str, Any]:
         seq_lens = [d.seq_len for d in self.datasets]
-        return {"kind": "passkey", "batch_size": self.batch_size, "world_size": self.world_size,
-                "seq_len": seq_lens[0] if len(seq_lens) == 1 else seq_lens, "seed": self.datasets[0].seed}
+        config = {"kind": "passkey", "batch_size": self.batch_size, "world_size": self.world_size,
+                  "seq_len": seq_lens[0] if len(seq_lens) == 1 else seq_lens, "seed": self.datasets[0].seed}
+        first = self.datasets[0]
+        if first.answer_offset != "fixed":  # only then: states saved before the offset modes stay loadable
+            config.update(answer_offset=first.answer_offset, segment_len=first.segment_len)
+        return config
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._config(), "step": self.step}

@@ -8,6 +8,7 @@ each extend one of the task schemas below, so a misspelt or mistyped key fails w
     python -m evaluation task=pg19 checkpoint=runs/tiny task.max_documents=10
     python -m evaluation task=booksum_paper checkpoint=runs/big
     python -m evaluation task=memory_footprint
+    python -m evaluation task=memory_probe checkpoint=runs/tiny
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-TASKS = ("passkey", "perplexity", "summarization", "memory_footprint")
+TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -28,7 +29,9 @@ class PasskeyTaskConfig:
 
     name: str = "passkey"
     lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
-    """Exact prompt lengths in tokens, instruction and question included."""
+    """Prompt lengths in tokens, instruction and question included: exact for `full` attention; for `infini` and
+    `local` models each is the requested length L of one row per offset class, at P = N * round(L / N) + r (N the
+    checkpoint's model.segment_len, r the class's offset; see offset_classes)."""
     depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     """Needle depths in [0, 1]: 0 start, 0.5 middle, 1 end. Ignored when depth_grid > 0."""
     depth_grid: int = 0
@@ -46,6 +49,13 @@ class PasskeyTaskConfig:
     """Prompts of the same length decoded together."""
     metric: str = "exact"
     """Score shown in the markdown table and the heat map: exact, substring or digit_accuracy."""
+    offset_classes: list[str] = field(default_factory=lambda: ["inside", "straddles", "opens"])
+    """Where the answer starts in its segment (r = P mod segment_len, q the question's tokens): inside
+    (r >= q: the question is in the answer's segment), straddles (0 < r < q) and opens (r = 0: the question is
+    reachable only through the memory). Each requested length is evaluated once per class listed; a class empty
+    for the model's segment length (inside when segment_len <= q) is skipped with a note. Ignored for `full`."""
+    offsets_per_class: int = 1
+    """Offsets per class, evenly spread inside it (1: the class's middle offset; opens has only r = 0)."""
 
 
 @dataclass
@@ -126,6 +136,32 @@ class MemoryFootprintTaskConfig:
 
 
 @dataclass
+class MemoryProbeTaskConfig:
+    """Why a memory does or does not retrieve beyond its training length: needle share of the read weights,
+    filler-to-needle ratio, reads by segment, gates, write knock-outs (evaluation/memory_probe.py). `infini` only."""
+
+    name: str = "memory_probe"
+    lengths: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    """Exact prompt lengths in tokens (each length's offset class, P mod segment_len, is reported)."""
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    trials: int = 2
+    """Prompts per (length, depth)."""
+    seed: int = 0
+    """Seeds the keys: the passkey evaluation's keys for the same seed, length and depth."""
+    digits: int = 5
+    keep_last_tokens: int = 40
+    """The knock-out keeps the writes of the instruction, the needle and the last this many prompt tokens."""
+    knockouts: bool = True
+    """Also score the filler knock-outs (layer 0 only, layer 1 only, ..., all layers): n_layers + 1 more passes."""
+    segment_curve: bool = True
+    """sigma(q) . z and ||A_mem|| by segment index at the longest length."""
+    chunk_size: int = 4096
+    """Tokens per forward call, rounded down to whole segments."""
+    batch_size: int = 8
+    """Prompts of equal length run together."""
+
+
+@dataclass
 class WandbSettings:
     mode: str = "disabled"
     """disabled (default), offline (a local run for `wandb sync`) or online."""
@@ -162,6 +198,7 @@ def register_configs() -> None:
     cs.store(group="task", name="perplexity_schema", node=PerplexityTaskConfig)
     cs.store(group="task", name="summarization_schema", node=SummarizationTaskConfig)
     cs.store(group="task", name="memory_footprint_schema", node=MemoryFootprintTaskConfig)
+    cs.store(group="task", name="memory_probe_schema", node=MemoryProbeTaskConfig)
 
 
 register_configs()

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.tokenizer import Tokenizer, load_tokenizer
-from evaluation import memory_footprint, passkey, perplexity, summarization
+from evaluation import memory_footprint, memory_probe, passkey, perplexity, summarization
 from evaluation.config import DTYPES, TASKS
 from evaluation.report import WandbLogger, write_json
 from evaluation.rouge import RougeScorer
@@ -57,16 +57,26 @@ def _run_passkey(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dict[str
     task = cfg.task
     if task.metric not in passkey.METRICS:
         raise ValueError(f"task.metric {task.metric!r} is not one of {passkey.METRICS}")
-    model, tokenizer, _ = load_for_eval(cfg)
+    try:
+        passkey.check_offset_settings(list(task.offset_classes), task.offsets_per_class)
+    except ValueError as error:
+        raise ValueError(f"task.offset_classes / task.offsets_per_class: {error}") from error
+    model, tokenizer, meta = load_for_eval(cfg)
     depths = passkey.depth_grid(task.depth_grid) if task.depth_grid > 0 else list(task.depths)
+    training_length = meta.get("train_config", {}).get("data", {}).get("seq_len")  # checkpoints of train.py
     results = passkey.evaluate_passkey(
         model, tokenizer, list(task.lengths), depths, task.trials, task.seed, task.chunk_size,
         max_new_tokens=task.max_new_tokens, digits=task.digits, batch_size=task.batch_size,
+        segment_len=passkey.segment_len_of(model.config), offset_classes=list(task.offset_classes),
+        offsets_per_class=task.offsets_per_class, training_length=training_length,
     )
     paths = passkey.write_outputs(results, out_dir, task.metric)
     print(paths["table"].read_text())
     summary = results.summary()
     wandb.log({f"passkey/{m}": summary["metrics"][m]["mean"] for m in passkey.METRICS})
+    if results.by_class:
+        wandb.log({f"passkey/exact/{n}/{c}": v for n, by_class in
+                   summary["metrics"]["exact"]["per_length_class"].items() for c, v in by_class.items()})
     wandb.log_image("passkey/heatmap", paths["heatmap"])
     return summary
 
@@ -143,11 +153,29 @@ def _run_memory_footprint(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) ->
     return summary
 
 
+def _run_memory_probe(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dict[str, Any]:
+    task = cfg.task
+    model, tokenizer, meta = load_for_eval(cfg)
+    memory_probe.infini_layers(model)  # an `infini` model, or a clear error before any work
+    results = memory_probe.probe_memory(
+        model, tokenizer, list(task.lengths), list(task.depths), task.trials, task.seed, digits=task.digits,
+        keep_last_tokens=task.keep_last_tokens, knockouts=task.knockouts, segment_curve=task.segment_curve,
+        chunk_size=task.chunk_size, batch_size=task.batch_size,
+        training_length=meta.get("train_config", {}).get("data", {}).get("seq_len"),
+    )
+    paths = memory_probe.write_outputs(results, out_dir)
+    print(paths["table"].read_text())
+    wandb.log(memory_probe.needle_share_summary(results))
+    wandb.log_image("probe/figure", paths["figure"])
+    return results.summary()
+
+
 RUNNERS = {
     "passkey": _run_passkey,
     "perplexity": _run_perplexity,
     "summarization": _run_summarization,
     "memory_footprint": _run_memory_footprint,
+    "memory_probe": _run_memory_probe,
 }
 
 

@@ -709,15 +709,15 @@ def test_passkey_length_mix_is_per_step_identical_across_ranks_and_resumable():
         PasskeyBatches(datasets[:2], batch_size=2).load_state_dict(state)
 
 
-def test_passkey_length_jitter_moves_the_answer_across_segment_offsets():
+def test_passkey_uniform_answer_offset_moves_the_answer_across_segment_offsets():
     tokenizer = ByteTokenizer()
     plain = PasskeyDataset(tokenizer, 512, seed=2)
-    jittered = PasskeyDataset(tokenizer, 512, seed=2, length_jitter=64)
+    jittered = PasskeyDataset(tokenizer, 512, seed=2, answer_offset="uniform", segment_len=64)
     ends = set()
     for i in range(800):
         prompt, example = jittered.prompt(i), jittered[i]
         n = len(prompt.tokens)
-        assert 512 + 1 - 7 - 64 <= n <= 512 + 1 - 7
+        assert 512 + 1 - 7 - 63 <= n <= 512 + 1 - 7
         assert prompt.passkey == plain.prompt(i).passkey and prompt.depth == plain.prompt(i).depth
         answer = example["loss_mask"].nonzero().flatten().tolist()
         assert answer == list(range(n - 1, n + 6))  # the 7 answer targets, right after the prompt
@@ -726,4 +726,4 @@ def test_passkey_length_jitter_moves_the_answer_across_segment_offsets():
         ends.add(n % 64)
     assert len(ends) == 64  # the answer starts at every offset of a 64-token segment, boundary included
     with pytest.raises(ValueError, match="minimum"):
-        PasskeyDataset(tokenizer, 260, seed=2, length_jitter=64)
+        PasskeyDataset(tokenizer, 260, seed=2, answer_offset="uniform", segment_len=64)

@@ -218,8 +218,12 @@ def test_run_passkey_from_a_checkpoint_directory(checkpoint, tmp_path):
     summary = run(cfg)
     assert summary["depths"] == [0.0, 1.0] and summary["checkpoint"] == str(checkpoint)
     written = json.loads((tmp_path / "passkey_summary.json").read_text())
-    assert written["metrics"] == summary["metrics"] and written["lengths"] == [260]
-    assert len(read_jsonl(tmp_path / "passkey_trials.jsonl")) == 2
+    # the checkpoint's segment_len (32) places the prompts: 260 rounds to 256, one length per offset class;
+    # `inside` is empty (the 37-token question is longer than a segment)
+    assert written["metrics"] == summary["metrics"] and written["requested_lengths"] == [260]
+    assert written["lengths"] == [256 + 16, 256] and written["offset_classes"] == ["straddles", "opens"]
+    assert written["settings"]["segment_len"] == 32 and written["settings"]["skipped_offset_classes"] == ["inside"]
+    assert len(read_jsonl(tmp_path / "passkey_trials.jsonl")) == 4
     assert (tmp_path / "passkey_heatmap.png").read_bytes()[:8] == PNG
     assert OmegaConf.load(tmp_path / "eval_config.yaml").task.lengths == [260]
 

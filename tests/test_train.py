@@ -108,7 +108,9 @@ def test_periodic_evaluation_logs_validation_and_passkey(tmp_path):
                       "evaluation.passkey_depths=[0.5]", "evaluation.passkey_trials=1"))
     (record,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
     assert record["step"] == 2 and record["val/perplexity"] == pytest.approx(math.exp(record["val/loss"]))
-    assert record["val/passkey_exact"] in (0.0, 1.0)  # one prompt
+    classes = [record[f"val/passkey_exact/256/{c}"] for c in ("inside", "straddles", "opens")]
+    assert all(v in (0.0, 1.0) for v in classes)  # one prompt per offset class (segment 64)
+    assert record["val/passkey_exact"] == pytest.approx(sum(classes) / 3)
     assert record["val/passkey_exact/256"] == record["val/passkey_exact"]  # the only length is the mean
 
 

@@ -7,10 +7,12 @@ at compose time with Hydra's message (e.g. "Key 'lrr' not in 'OptimConfig'"). Ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from data.passkey import check_offset_settings
 from models.config import ModelConfig
 
 
@@ -34,9 +36,14 @@ class DataConfig:
     seq_len_mix: list[int] = field(default_factory=list)
     """passkey: each step's sequence length is drawn uniformly from these (a length curriculum by mixture);
     empty: always seq_len. The validation stream and the evaluation's "training length" use seq_len."""
-    passkey_length_jitter: int = 0
-    """passkey: prompts are shorter by a random 0..this many tokens (padded after the answer), so answers start
-    at every offset within a segment, including on a segment boundary as in evaluation; use model.segment_len."""
+    passkey_answer_offset: str = "fixed"
+    """passkey: where the answer starts within its segment of model.segment_len tokens (r = P mod N, P the
+    prompt length). fixed: the prompt fills the sequence, so every answer of a length sits at one offset (the
+    question inside the answer's segment); uniform: r uniform over 0..N-1; balanced: each offset class with
+    probability 1/3 (opens r = 0: the question reachable only through memory, as at evaluation lengths like 2^k;
+    straddles 0 < r < q; inside r >= q; q the question's tokens, 37 bytes), r uniform inside it. uniform and
+    balanced shorten the prompt by up to N-1 tokens (padding after the answer, no loss), so every training length
+    needs N-1 tokens beyond the template's minimum; balanced needs N > q."""
     answer_weight: float = 1.0
     """passkey: weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
     # text and booksum
@@ -73,6 +80,39 @@ class OptimConfig:
     step and gates stay near sigmoid(0) = 0.5 (the Hugging Face reproduction's finding)."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
+    no_weight_decay: list[str] = field(default_factory=list)
+    """fnmatch patterns of parameter names (as model.named_parameters() spells them, e.g.
+    "layers.*.attention.wk.weight"; `*` also matches dots) moved to the no-decay group: matrices that should not
+    be pulled towards zero. A pattern that matches no parameter is an error (a misspelt name would otherwise
+    silently decay what it meant to spare)."""
+
+
+SCHEDULE_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "schedule")
+"""The OptimConfig fields a training stage may override: the optimizer itself (its parameter groups, betas, weight
+decay and Adam moments) lives through the whole run, only its learning-rate schedule restarts per stage."""
+
+
+@dataclass
+class StageConfig:
+    """One stage of a curriculum inside one run (trainer.stages), e.g. short sequences first, then long ones.
+
+    Why stages rather than chained runs: the optimizer state (Adam moments) and the step count carry over, and a
+    checkpoint/resume mid-curriculum continues exactly. Every override is checked against DataConfig /
+    OptimConfig at train start, before any step, so a misspelt key in stage 3 does not fail hours in."""
+
+    steps: int = MISSING
+    """Optimizer steps of this stage (> 0); the stages' steps must sum to trainer.max_steps."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Overrides of DataConfig fields for this stage, e.g. {seq_len: 2048, seq_len_mix: [512, 1024, 2048],
+    batch_size: 4}. The stream is rebuilt at the stage start; from the second stage on its seed is derived from
+    (data.seed, stage index) so a stage does not replay the previous stage's examples. Not data.tokenizer (the
+    model's vocabulary is fixed for the run). Validation batches stay those of the base data config."""
+    optim: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the schedule fields of OptimConfig only (SCHEDULE_FIELDS: lr, warmup_steps, min_lr_ratio,
+    schedule): the schedule restarts at the stage start, warmup then cosine (or constant) over this stage's
+    steps at this stage's lr."""
+    name: str = ""
+    """A label for logs and checkpoints; empty: "stage<i>" (i from 0)."""
 
 
 @dataclass
@@ -112,6 +152,10 @@ class TrainerConfig:
     progress: bool = True
     """A tqdm progress bar with tokens/s on rank 0."""
     seed: int = 0
+    stages: list[StageConfig] = field(default_factory=list)
+    """A curriculum inside the run: the stages run in order, each with its own data overrides and a restarted
+    learning-rate schedule (see StageConfig); max_steps must equal the sum of their steps. Empty: one stage of
+    max_steps on data.* and optim.* as given."""
 
 
 @dataclass
@@ -130,16 +174,31 @@ class LoggerConfig:
 @dataclass
 class EvalConfig:
     passkey_lengths: list[int] = field(default_factory=lambda: [512, 2048])
-    """Quick passkey check during training (token lengths)."""
+    """Quick passkey check during training (token lengths; one prompt length per offset class each, see
+    offset_classes)."""
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     passkey_trials: int = 2
     final_passkey_lengths: list[int] = field(default_factory=list)
     """Passkey evaluation after training (table, JSON, heat map in <run_dir>/passkey); empty: skip."""
     final_passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     final_passkey_trials: int = 4
+    offset_classes: list[str] = field(default_factory=lambda: ["inside", "straddles", "opens"])
+    """Both passkey evaluations report each length per class of where the answer starts in its segment (inside,
+    straddles, opens; evaluation/passkey.py): length L runs at P = N * round(L / N) + r for each class listed
+    (N = model.segment_len; a class empty for N is skipped with a note). Ignored for model.attention=full, whose
+    lengths are used as given. Each class adds a prompt per (length, depth, trial)."""
+    offsets_per_class: int = 1
+    """Offsets per class, evenly spread inside it (1: the class's middle offset; opens has only r = 0)."""
     chunk_size: int = 4096
     """Prompts are streamed through the model in chunks of this many tokens."""
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        """Bad class names fail when the config is built, not after training."""
+        try:
+            check_offset_settings(list(self.offset_classes), self.offsets_per_class)
+        except ValueError as error:
+            raise ValueError(f"evaluation.offset_classes / evaluation.offsets_per_class: {error}") from error
 
 
 @dataclass

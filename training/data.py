@@ -35,18 +35,28 @@ class RepeatBatches:
         self.position = int(state["position"])
 
 
-def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int, validation: bool = False
-               ) -> BatchStream:
-    """The training stream of this rank (or, with validation=True, a disjoint stream for validation loss)."""
+def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int, validation: bool = False,
+               segment_len: int | None = None) -> BatchStream:
+    """The training stream of this rank (or, with validation=True, a disjoint stream for validation loss).
+    segment_len: the model's (model.segment_len); passkey data needs it for data.passkey_answer_offset other than
+    fixed, which places each answer at an offset within a segment."""
     seed = cfg.seed + (VALIDATION_SEED_OFFSET if validation else 0)
     if cfg.kind == "passkey":
         from data.passkey import PasskeyBatches, PasskeyDataset
 
-        lengths = cfg.seq_len_mix if cfg.seq_len_mix and not validation else [cfg.seq_len]
-        datasets = [PasskeyDataset(tokenizer, length, seed, cfg.passkey_digits,
-                                   (cfg.passkey_depth_min, cfg.passkey_depth_max), loss_on=cfg.loss_on,
-                                   answer_weight=cfg.answer_weight, length_jitter=cfg.passkey_length_jitter)
-                    for length in lengths]
+        mixed = bool(cfg.seq_len_mix) and not validation
+        lengths = cfg.seq_len_mix if mixed else [cfg.seq_len]
+        datasets = []
+        for length in lengths:
+            try:
+                datasets.append(PasskeyDataset(
+                    tokenizer, length, seed, cfg.passkey_digits, (cfg.passkey_depth_min, cfg.passkey_depth_max),
+                    loss_on=cfg.loss_on, answer_weight=cfg.answer_weight, answer_offset=cfg.passkey_answer_offset,
+                    segment_len=segment_len))
+            except ValueError as error:  # name the config fields behind the dataset's arguments
+                where = "data.seq_len_mix" if mixed else "data.seq_len"
+                raise ValueError(f"passkey data with {where} length {length}, data.passkey_answer_offset="
+                                 f"{cfg.passkey_answer_offset!r}, model.segment_len={segment_len}: {error}") from error
         stream = PasskeyBatches(datasets, cfg.batch_size, rank, world_size)
     elif cfg.kind in ("text", "booksum"):
         if cfg.source is None:

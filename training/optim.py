@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -11,15 +13,21 @@ from training.config import OptimConfig
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Three groups: matrices (weight decay), norms/biases/embedding-free vectors (no decay), Infini-attention
-    gate logits (no decay, lr * gate_lr_multiplier). Every trainable parameter lands in exactly one group."""
+    """Three groups: matrices (weight decay), norms/biases/embedding-free vectors and the parameters named by
+    cfg.no_weight_decay (no decay), Infini-attention gate logits (no decay, lr * gate_lr_multiplier). Every
+    trainable parameter lands in exactly one group."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in cfg.no_weight_decay if not any(fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        raise ValueError(f"optim.no_weight_decay: pattern(s) {unmatched} match no parameter name (names look like "
+                         f"{names[:3]}; fnmatch syntax, `*` also matches dots)")
     decay, no_decay, gates = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if name.endswith("gate_logit"):
             gates.append(param)
-        elif param.dim() < 2:
+        elif param.dim() < 2 or any(fnmatchcase(name, p) for p in cfg.no_weight_decay):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -55,6 +63,42 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    lr_factor(cfg.warmup_steps, cfg, max_steps)  # validate the schedule name now, not at the end of warmup
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+def stage_index(step: int, stage_steps: Sequence[int]) -> int:
+    """The stage of 0-based optimizer step `step` given each stage's number of steps; steps past the end belong to
+    the last stage (LambdaLR evaluates the step after the final one)."""
+    end = 0
+    for i, steps in enumerate(stage_steps):
+        end += steps
+        if step < end:
+            return i
+    return len(stage_steps) - 1
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int,
+                    stages: Sequence[tuple[int, OptimConfig]] = ()):
+    """LambdaLR of the global step. Without stages: lr_factor over max_steps. With stages ((steps, merged
+    OptimConfig) in order, trainer.stages): every stage restarts the schedule, warmup then cosine or constant over
+    its own steps, at its own lr. Groups keep their base lr optim.lr * lr_multiplier, scaled by stage lr / optim.lr
+    (exactly 1.0 for a stage that keeps optim.lr), so the factor is a pure function of the step: a resumed
+    scheduler (last_epoch restored) continues every stage's schedule exactly."""
+    if not stages:
+        lr_factor(cfg.warmup_steps, cfg, max_steps)  # validate the schedule name now, not at the end of warmup
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+    stage_steps = [steps for steps, _ in stages]
+    starts = [sum(stage_steps[:i]) for i in range(len(stages))]
+    ratios = []
+    for i, (steps, stage_cfg) in enumerate(stages):
+        lr_factor(stage_cfg.warmup_steps, stage_cfg, steps)
+        if stage_cfg.lr == cfg.lr:
+            ratios.append(1.0)
+        elif cfg.lr == 0:
+            raise ValueError(f"stage {i} has lr={stage_cfg.lr} but optim.lr=0: stage lrs scale the groups' base lr "
+                             "optim.lr * lr_multiplier, so set optim.lr to a nonzero value (e.g. the first stage's)")
+        else:
+            ratios.append(stage_cfg.lr / cfg.lr)
+
+    def factor(step: int) -> float:
+        i = stage_index(step, stage_steps)
+        return ratios[i] * lr_factor(step - starts[i], stages[i][1], stage_steps[i])
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
