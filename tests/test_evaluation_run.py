@@ -189,7 +189,7 @@ def test_every_shipped_eval_config_composes():
         overrides = [f"task={option}"] + (["task.source=x.jsonl"] if option == "perplexity_local" else [])
         cfg = compose_eval(*overrides)
         OmegaConf.to_container(cfg, throw_on_missing=True)
-        assert cfg.task.name in ("passkey", "perplexity", "summarization", "memory_footprint")
+        assert cfg.task.name in ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe")
     paper = compose_eval("task=booksum_paper").task
     assert (paper.max_input_tokens, paper.generation.temperature, paper.generation.top_p,
             paper.generation.max_new_tokens, paper.generation.do_sample) == (500_000, 0.5, 0.95, 1024, True)
