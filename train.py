@@ -37,7 +37,7 @@ from training.data import build_data
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallel import Runtime, all_gather_objects, all_reduce_sum, init_runtime, no_sync, parallelize
-from training.stages import Stage, resolve_stages, stage_at
+from training.stages import Stage, longest_training_length, resolve_stages, stage_at
 
 register_configs()
 
@@ -230,6 +230,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     validate(cfg, tokenizer, stages)
     run_dir = Path(cfg.trainer.run_dir)
+    training_length = longest_training_length(plain_config)  # evaluations report multiples of it
 
     model = Transformer(cfg.model)
     if cfg.trainer.init_from is not None:
@@ -365,7 +366,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
             if progress is not None:
                 progress.update(1)
             if val_batches is not None and step % cfg.trainer.eval_every == 0:
-                logger.log(periodic_eval(cfg, model, module, val_batches, tokenizer, runtime), step)
+                logger.log(periodic_eval(cfg, model, module, val_batches, tokenizer, runtime, training_length), step)
             if stage is not None and step < cfg.trainer.max_steps and stage_at(stages, step).index != stage.index:
                 # a stage ends: the next stage's stream, before a checkpoint at this step records it
                 stage = stage_at(stages, step)
@@ -382,7 +383,9 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                 break
         summary["step"] = step
         if cfg.evaluation.final_passkey_lengths and step == cfg.trainer.max_steps:
-            summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step)
+            summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
+        if cfg.evaluation.final_probe_lengths and cfg.model.attention == "infini" and step == cfg.trainer.max_steps:
+            summary["probe"] = final_probe(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
     finally:
         stop.restore()
         if progress is not None:
@@ -392,7 +395,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
 
 
 def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_batches, tokenizer: Tokenizer,
-                  runtime: Runtime) -> dict[str, float]:
+                  runtime: Runtime, training_length: int | None = None) -> dict[str, float]:
     from evaluation.passkey import evaluate_passkey, segment_len_of
 
     loss = validation_loss(module, val_batches, runtime)
@@ -404,7 +407,7 @@ def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_b
         results = evaluate_passkey(model, tokenizer, e.passkey_lengths, e.passkey_depths, e.passkey_trials,
                                    e.seed, e.chunk_size, digits=cfg.data.passkey_digits,
                                    segment_len=segment_len_of(cfg.model), offset_classes=e.offset_classes,
-                                   offsets_per_class=e.offsets_per_class, training_length=cfg.data.seq_len)
+                                   offsets_per_class=e.offsets_per_class, training_length=training_length)
         model.train(was_training)
         metrics["val/passkey_exact"] = results.mean("exact")
         for length, accuracy in results.per_requested_length("exact").items():  # offset classes pooled
@@ -412,11 +415,18 @@ def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_b
         if results.by_class:
             for (length, offset_class), accuracy in results.class_accuracy("exact").items():
                 metrics[f"val/passkey_exact/{length}/{offset_class}"] = accuracy
+    if e.probe_lengths and cfg.model.attention == "infini":
+        from evaluation.memory_probe import needle_share_summary, probe_memory
+
+        probe = probe_memory(model, tokenizer, e.probe_lengths, (0.0, 0.5, 1.0), 1, e.seed,
+                             digits=cfg.data.passkey_digits, knockouts=False, segment_curve=False,
+                             chunk_size=e.chunk_size)
+        metrics.update(needle_share_summary(probe))
     return metrics
 
 
 def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
-                  logger: MetricsLogger, step: int) -> dict[str, Any]:
+                  logger: MetricsLogger, step: int, training_length: int | None = None) -> dict[str, Any]:
     """Passkey retrieval at the final lengths: table printed, JSON + heat map in <run_dir>/passkey."""
     from evaluation.passkey import class_note, compact_table, evaluate_passkey, markdown_table, segment_len_of
 
@@ -427,10 +437,10 @@ def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, ru
                                e.final_passkey_trials, e.seed, e.chunk_size, out_dir=out_dir,
                                digits=cfg.data.passkey_digits, segment_len=segment_len_of(cfg.model),
                                offset_classes=e.offset_classes, offsets_per_class=e.offsets_per_class,
-                               training_length=cfg.data.seq_len)
+                               training_length=training_length)
     summary = results.summary()
     if runtime.is_main:
-        print(f"\nPasskey retrieval, exact match (%), training length {cfg.data.seq_len} tokens, "
+        print(f"\nPasskey retrieval, exact match (%), longest training sequence {training_length} tokens, "
               f"{e.final_passkey_trials} trials per cell:\n")
         print(markdown_table(results, "exact"))
         if results.by_class:
@@ -444,7 +454,27 @@ def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, ru
         heatmap = out_dir / "passkey_heatmap.png"
         if heatmap.is_file():
             logger.log_image("passkey/heatmap", heatmap, step)
+
     return summary
+
+
+def final_probe(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
+                logger: MetricsLogger, step: int, training_length: int | None = None) -> dict[str, float]:
+    """The memory probe after training (needle share, filler ratio, knock-outs): files in <run_dir>/probe."""
+    from evaluation.memory_probe import needle_share_summary, probe_memory
+
+    e = cfg.evaluation
+    probe_dir = run_dir / "probe" if runtime.is_main else None
+    probe = probe_memory(model, tokenizer, e.final_probe_lengths, (0.0, 0.5, 1.0), 2, e.seed,
+                         digits=cfg.data.passkey_digits, chunk_size=e.chunk_size, training_length=training_length,
+                         out_dir=probe_dir)
+    metrics = needle_share_summary(probe)
+    if runtime.is_main:
+        print(f"\nMemory probe (needle share of the read weight, write knock-outs): {probe_dir}/memory_probe.md")
+        logger.log(metrics, step)
+        if (probe_dir / "memory_probe.png").is_file():
+            logger.log_image("probe/memory_probe", probe_dir / "memory_probe.png", step)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -23,6 +23,7 @@ from evaluation.rouge import RougeScorer
 from models.checkpoint import CheckpointError, load_model, read_config
 from models.generation import GenerationConfig
 from models.transformer import Transformer
+from training.stages import longest_training_length
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _run_passkey(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dict[str
         raise ValueError(f"task.offset_classes / task.offsets_per_class: {error}") from error
     model, tokenizer, meta = load_for_eval(cfg)
     depths = passkey.depth_grid(task.depth_grid) if task.depth_grid > 0 else list(task.depths)
-    training_length = meta.get("train_config", {}).get("data", {}).get("seq_len")  # checkpoints of train.py
+    training_length = longest_training_length(meta.get("train_config", {}))  # checkpoints of train.py
     results = passkey.evaluate_passkey(
         model, tokenizer, list(task.lengths), depths, task.trials, task.seed, task.chunk_size,
         max_new_tokens=task.max_new_tokens, digits=task.digits, batch_size=task.batch_size,
@@ -161,7 +162,7 @@ def _run_memory_probe(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dic
         model, tokenizer, list(task.lengths), list(task.depths), task.trials, task.seed, digits=task.digits,
         keep_last_tokens=task.keep_last_tokens, knockouts=task.knockouts, segment_curve=task.segment_curve,
         chunk_size=task.chunk_size, batch_size=task.batch_size,
-        training_length=meta.get("train_config", {}).get("data", {}).get("seq_len"),
+        training_length=longest_training_length(meta.get("train_config", {})),
     )
     paths = memory_probe.write_outputs(results, out_dir)
     print(paths["table"].read_text())

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from data.stream import shift_and_pad, stack_rows
+from data.tokenizer import load_tokenizer
 from models import Transformer
 from models.checkpoint import CheckpointError, load_model
 from training import checkpointing
@@ -112,6 +113,28 @@ def test_periodic_evaluation_logs_validation_and_passkey(tmp_path):
     assert all(v in (0.0, 1.0) for v in classes)  # one prompt per offset class (segment 64)
     assert record["val/passkey_exact"] == pytest.approx(sum(classes) / 3)
     assert record["val/passkey_exact/256"] == record["val/passkey_exact"]  # the only length is the mean
+
+
+def test_probe_metrics_during_and_after_training_and_the_longest_training_length(tmp_path):
+    """evaluation.probe_lengths logs the memory probe's needle share at each periodic evaluation (the values a
+    direct probe of the same weights gives); final_probe_lengths writes the full probe; passkey tables count
+    multiples of the longest training sequence, stages included."""
+    from evaluation.memory_probe import needle_share_summary, probe_memory
+    from training.stages import longest_training_length
+
+    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2", "evaluation.passkey_lengths=[]",
+                      "evaluation.probe_lengths=[256]", "evaluation.final_probe_lengths=[256]"))
+    (record,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
+    model = load_model(latest_checkpoint(tmp_path))[0].eval()
+    direct = needle_share_summary(probe_memory(model, load_tokenizer("byte"), [256], (0.0, 0.5, 1.0), 1, 1234,
+                                               knockouts=False, segment_curve=False))
+    assert direct["probe/needle_share/256/mean"] == pytest.approx(record["probe/needle_share/256/mean"], rel=1e-6)
+    assert 0 < record["probe/needle_share/256/mean"] < 1
+    assert (tmp_path / "probe" / "memory_probe.md").is_file() and (tmp_path / "probe" / "memory_probe.json").is_file()
+    config = {"data": {"seq_len": 512, "seq_len_mix": [256, 384]},
+              "trainer": {"stages": [{"data": {"seq_len_mix": [512, 1024]}}, {"data": {"seq_len": 768}}]}}
+    assert longest_training_length(config) == 1024
+    assert longest_training_length({"data": {"seq_len": 300}}) == 300
 
 
 def test_overfitting_one_batch(tmp_path):

@@ -192,6 +192,13 @@ class EvalConfig:
     chunk_size: int = 4096
     """Prompts are streamed through the model in chunks of this many tokens."""
     seed: int = 1234
+    probe_lengths: list[int] = field(default_factory=list)
+    """`infini` models: at every periodic evaluation, the memory probe's needle share of the read weight and
+    filler-to-needle ratio at these prompt lengths (evaluation/memory_probe.py; depths 0, 0.5, 1, one trial, no
+    knock-outs), logged as probe/needle_share/<length>/...; empty: off."""
+    final_probe_lengths: list[int] = field(default_factory=list)
+    """`infini` models: after training, the full memory probe (knock-outs included) at these lengths, written to
+    <run_dir>/probe (memory_probe.json/.md/.png); empty: off."""
 
     def __post_init__(self) -> None:
         """Bad class names fail when the config is built, not after training."""

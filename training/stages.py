@@ -98,6 +98,19 @@ def resolve_stages(cfg: TrainConfig) -> list[Stage]:
     return stages
 
 
+def longest_training_length(train_config: dict[str, Any]) -> int | None:
+    """The longest sequence a run trains on: data.seq_len, data.seq_len_mix and every stage's overrides of them.
+    Evaluations report lengths as multiples of it ("16x its training length" means 16x the longest sequence it
+    saw, not the first stage's). Takes the resolved config as a plain dict (what checkpoints store)."""
+    data = train_config.get("data", {})
+    lengths = [data.get("seq_len"), *data.get("seq_len_mix", [])]
+    for stage in train_config.get("trainer", {}).get("stages", []):
+        overrides = stage.get("data", {})
+        lengths += [overrides.get("seq_len"), *overrides.get("seq_len_mix", [])]
+    lengths = [int(n) for n in lengths if n is not None]
+    return max(lengths) if lengths else None
+
+
 def stage_at(stages: list[Stage], step: int) -> Stage:
     """The stage of 0-based optimizer step `step` (steps past the end: the last stage)."""
     return stages[stage_index(step, [s.steps for s in stages])]
