@@ -222,7 +222,10 @@ class CausalSelfAttention(nn.Module):
         B, H, T, D = a.shape
         return self.wo(a.transpose(1, 2).reshape(B, T, H * D))  # (B, H, T, D) -> (B, T, H*D) -> (B, T, dim)
 
-    def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
+    def forward(self, x: Tensor, state: AttentionState | None = None, write_scale: Tensor | None = None
+                ) -> tuple[Tensor, AttentionState]:
+        if write_scale is not None:
+            raise ValueError("write_scale scales memory writes: this layer (attention=full/local) keeps no memory")
         q, k, v = self.project(x)
         keys, values = self._extend_cache(state, k, v)
         a_dot = segmented_causal_attention(q, keys, values, self.segment_len, self.rope, self.backend)
@@ -238,10 +241,10 @@ class InfiniAttention(CausalSelfAttention):
     with its own sigma(Q) and its own gate. How the memory is written (eq. (4), (5) or a research variant, its
     feature map, an optional per-token write gate) is the layer's `rule` (attention/rules/).
 
-    `write_keep` is a probe instrument, not state: None normally; a (B, P) tensor of 0/1 (or weights) multiplies
-    the writes of the P tokens a call sees (the cached tokens of the unfinished segment, then the call's own) by
-    write_keep[:, t]: write knock-outs (evaluation/memory_probe.py), which feeds segment-aligned chunks and sets
-    it per chunk.
+    `write_scale` (B, T), an optional input of a call, multiplies each new token's write (M and z alike, on top of
+    any write gate): 0 knocks a token's write out (evaluation/memory_probe.py), c > 1 writes it as c copies would
+    under the linear rule (training augmentation, data.passkey_haystack_scale). It needs a call that starts on a
+    segment boundary (no cached tokens), which training batches and the probe's segment-aligned chunks are.
     """
 
     def __init__(
@@ -266,7 +269,6 @@ class InfiniAttention(CausalSelfAttention):
                                    write_gate_init)
         self.gate_init = gate_init
         self.gate_logit = nn.Parameter(torch.full((n_heads,), float(gate_init)))  # beta in (6), one per head
-        self.write_keep: Tensor | None = None
 
     @property
     def memory_update(self) -> str:
@@ -276,7 +278,8 @@ class InfiniAttention(CausalSelfAttention):
         keys, values, _ = super().empty_state(batch, device, dtype)
         return AttentionState(keys, values, self.rule.empty(batch, device, dtype))
 
-    def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
+    def forward(self, x: Tensor, state: AttentionState | None = None, write_scale: Tensor | None = None
+                ) -> tuple[Tensor, AttentionState]:
         if state is None:
             state = self.empty_state(x.shape[0], x.device, x.dtype)
         q, k, v = self.project(x)
@@ -287,12 +290,13 @@ class InfiniAttention(CausalSelfAttention):
         with torch.autocast(device_type=x.device.type, enabled=False):
             memory_keys, memory_values = keys.to(dtype), values.to(dtype)
             strength = self.rule.write_strength(memory_keys, memory_values)  # (B, Hkv, P) or None
-            if self.write_keep is not None:
-                if tuple(self.write_keep.shape) != (keys.shape[0], keys.shape[2]):
-                    raise ValueError(f"write_keep {tuple(self.write_keep.shape)} must be (batch, cached + new "
-                                     f"tokens) = ({keys.shape[0]}, {keys.shape[2]}) for this call")
-                keep = self.write_keep.to(dtype).unsqueeze(1).expand(-1, self.n_kv_heads, -1)  # (B, Hkv, P)
-                strength = keep if strength is None else strength * keep
+            if write_scale is not None:
+                if keys.shape[2] != x.shape[1] or tuple(write_scale.shape) != tuple(x.shape[:2]):
+                    raise ValueError(f"write_scale {tuple(write_scale.shape)} must be (batch, tokens) = "
+                                     f"{tuple(x.shape[:2])} of a call that starts on a segment boundary (this one "
+                                     f"follows {keys.shape[2] - x.shape[1]} cached tokens of an unfinished segment)")
+                scale = write_scale.to(dtype).unsqueeze(1).expand(-1, self.n_kv_heads, -1)  # (B, Hkv, P)
+                strength = scale if strength is None else strength * scale
             numerator, denominator, memory = segmented_memory_retrieval(
                 q.to(dtype), memory_keys, memory_values, state.memory, self.segment_len, self.rule, strength,
             )

@@ -25,12 +25,12 @@ def reference_infini_attention(
     rope,
     gate_logit: Tensor | None = None,
     memory_update: str | MemoryRule = "linear",
-    write_keep: Tensor | None = None,
+    write_scale: Tensor | None = None,
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """q: (B, H, T, D), k and v: (B, Hkv, T, D), un-rotated. segment_len None: one segment (full attention).
     gate_logit None: no memory (local attention); else (H,) and the memory is used, written by `memory_update`
-    (a rule name or the layer's MemoryRule, whose write-gate parameters are then used). write_keep: (B, T)
-    multiplier of each token's write (the probes' knock-out), or None.
+    (a rule name or the layer's MemoryRule, whose write-gate parameters are then used). write_scale: (B, T)
+    multiplier of each token's write (knock-outs, augmentation), or None.
 
     Returns the attention output (B, H, T, D) before the output projection, and the memory (M, z) after each
     segment, the last (possibly shorter) segment included: [(M_1, z_1), (M_2, z_2), ...],
@@ -82,8 +82,8 @@ def reference_infini_attention(
                     strength = torch.ones((), dtype=q.dtype, device=q.device)
                     if rule.write_gate is not None:
                         strength = rule.write_gate.reference(ks[b, t], vs[b, t], kv)
-                    if write_keep is not None:
-                        strength = strength * write_keep[b, start + t]
+                    if write_scale is not None:
+                        strength = strength * write_scale[b, start + t]
                     M_new[b, kv], z_new[b, kv] = rule.reference_write(M_new[b, kv], z_new[b, kv], M[b, kv], z[b, kv],
                                                                       sk[b, t], vs[b, t], strength)
         M, z = M_new, z_new
@@ -91,8 +91,9 @@ def reference_infini_attention(
     return out, memories
 
 
-def reference_layer(layer, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Run a CausalSelfAttention / InfiniAttention layer's weights through the reference on a whole sequence."""
+def reference_layer(layer, x: Tensor, write_scale: Tensor | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """Run a CausalSelfAttention / InfiniAttention layer's weights through the reference on a whole sequence
+    (write_scale: (B, T) multiplier of each token's write, or None)."""
     B, T, _ = x.shape
     H, Hkv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
     q = (x @ layer.wq.weight.T).view(B, T, H, D).transpose(1, 2)
@@ -100,6 +101,5 @@ def reference_layer(layer, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor
     v = (x @ layer.wv.weight.T).view(B, T, Hkv, D).transpose(1, 2)
     gate_logit = getattr(layer, "gate_logit", None)
     rule = getattr(layer, "rule", "linear")
-    keep = getattr(layer, "write_keep", None)
-    a, memories = reference_infini_attention(q, k, v, layer.segment_len, layer.rope, gate_logit, rule, keep)
+    a, memories = reference_infini_attention(q, k, v, layer.segment_len, layer.rope, gate_logit, rule, write_scale)
     return a.transpose(1, 2).reshape(B, T, H * D) @ layer.wo.weight.T, memories

@@ -28,7 +28,7 @@ query's segment (what the memory holds when i reads; t < N * floor(i / N)):
 q and k are the layer's un-rotated projections (`attention.project(x)` of the attention sub-block's input x, the
 block's input after its norm, captured with a forward pre-hook on `layer.attention`), sigma the rule's feature map
 (`attention.rule.features`) and beta_t the rule's write strength (`attention.rule.write_strength(keys, values)`,
-1 without a write gate; times write_keep under a knock-out). The memory's denominator is the sum of these terms:
+1 without a write gate; times the knock-out's write_scale). The memory's denominator is the sum of these terms:
 for the linear rule sum_t w_t is exactly sigma(q_i) . z_{s-1} (z = sum_t beta_t sigma(k_t)), and sum_t w_t v_t is
 exactly sigma(q_i) M_{s-1}, so w_t is token t's share of the read. For the delta rule z is the same sum, so w_t
 is still exactly each token's term of the denominator (the key-match weight), while M stores only what was not
@@ -60,12 +60,11 @@ M_{s-1}, z_{s-1} are the layer's own memory, for every rule: the rule's batched 
 Gates. sigmoid(gate_logit) per layer and head (`model.gates()`), and with a write gate the mean write strength
 beta over the filler and over the needle tokens of the prompts, per layer and KV head.
 
-Write knock-out. The filler's writes removed (write_keep = 0; kept: the instruction and its newline, the needle,
-the last `keep_last_tokens` prompt tokens and the answer) in layer 0 only, layer 1 only, ..., in all layers, and
-the unmodified model; each scored teacher-forced: exact (the argmax at every answer position is the key's digit)
-and digit accuracy (the share of answer positions right). The input is fed in segment-aligned chunks through the
-decoder blocks (a multiple of N, at most `chunk_size` tokens), so each attention call sees exactly the tokens
-whose write_keep is set for it; write_keep is reset to None in a `finally`, whatever happens.
+Write knock-out. The filler's writes removed (the model's per-layer write_scale = 0; kept: the instruction and its
+newline, the needle, the last `keep_last_tokens` prompt tokens and the answer) in layer 0 only, layer 1 only, ...,
+in all layers, and the unmodified model; each scored teacher-forced: exact (the argmax at every answer position is
+the key's digit) and digit accuracy (the share of answer positions right). The input is fed in segment-aligned
+chunks (a multiple of N, at most `chunk_size` tokens), as write_scale requires.
 
 Offset class. Per length, where the prompt ends in its segment, r = P mod N (data.passkey.offset_class): `opens`
 (r = 0: the answer starts a new segment, the question is reachable only through the memory), `straddles` (0 < r <
@@ -94,7 +93,7 @@ from attention.memory import EPS, memory_dtype, segment_memories
 from data.passkey import PasskeyTemplate, offset_class, trial_passkey
 from data.tokenizer import Tokenizer
 from evaluation.report import finite_or_none, write_json
-from models.transformer import ModelState, Transformer
+from models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def probe_prompts(tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence
 
 
 def knockout_keep(prompt: ProbePrompt, keep_last_tokens: int) -> Tensor:
-    """write_keep of the filler knock-out, (T,) float32: 1 on the instruction and its newline, the needle, the last
+    """write_scale of the filler knock-out, (T,) float32: 1 on the instruction and its newline, the needle, the last
     keep_last_tokens prompt tokens and the answer; 0 on every other token (the filler's writes removed)."""
     keep = torch.zeros(len(prompt.tokens))
     keep[: prompt.keep_until] = 1.0
@@ -184,41 +183,31 @@ def chunk_length(model: Transformer, chunk_size: int) -> int:
     return max(N, chunk_size // N * N)
 
 
-def _blocks(model: Transformer, tokens: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
-    """The decoder stack on one chunk, exactly as Transformer.hidden does it but without its CPU sub-chunking, so
-    each attention call sees exactly this chunk (write_keep is set per chunk). tokens (B, n) -> (B, n, dim)."""
-    h = model.tok_embeddings(tokens)
-    new_state = []
-    for i, layer in enumerate(model.layers):
-        h, layer_state = layer(h, None if state is None else state[i])
-        new_state.append(layer_state)
-    return h, tuple(new_state)
-
-
 @torch.no_grad()
 def teacher_forced_logits(model: Transformer, tokens: Tensor, positions: Sequence[int],
                           keep: dict[int, Tensor] | None = None, chunk_size: int = 4096) -> Tensor:
     """Logits at `positions` of a teacher-forced stream, optionally with write knock-outs.
 
-    tokens: (B, T); keep: {layer index: write_keep (B, T)} for the layers knocked out (others write everything).
-    The stream is fed in segment-aligned chunks (chunk_length), so the cache of the unfinished segment is empty at
-    every call and write_keep of a call is keep[:, start:stop]. Returns (B, A, vocab_size).
+    tokens: (B, T); keep: {layer index: write_scale (B, T)} for the layers knocked out (others write everything).
+    The stream is fed in segment-aligned chunks (chunk_length), so every call starts on a segment boundary, as the
+    model's write_scale requires. Returns (B, A, vocab_size).
     """
     layers = infini_layers(model)
-    keep = keep or {}
     T = tokens.shape[1]
+    scale = None
+    if keep:
+        scale = torch.ones(len(layers), *tokens.shape, device=tokens.device)  # (L, B, T)
+        for index, layer_keep in keep.items():
+            if tuple(layer_keep.shape) != tuple(tokens.shape):
+                raise ValueError(f"knock-out write_scale of layer {index} is {tuple(layer_keep.shape)}, the tokens "
+                                 f"{tuple(tokens.shape)}")
+            scale[index] = layer_keep
     step = chunk_length(model, chunk_size)
     hidden, state = [], None
-    try:
-        for start in range(0, T, step):
-            stop = min(T, start + step)
-            for index, attention in enumerate(layers):
-                attention.write_keep = keep[index][:, start:stop] if index in keep else None
-            h, state = _blocks(model, tokens[:, start:stop], state)
-            hidden.append(h)
-    finally:
-        for attention in layers:
-            attention.write_keep = None
+    for start in range(0, T, step):
+        stop = min(T, start + step)
+        h, state = model.hidden(tokens[:, start:stop], state, None if scale is None else scale[..., start:stop])
+        hidden.append(h)
     h = torch.cat(hidden, dim=1)  # (B, T, dim)
     return model.logits(h[:, list(positions)])
 
@@ -248,11 +237,11 @@ def capture_inputs(model: Transformer, tokens: Tensor, positions: Sequence[int],
 
 @torch.no_grad()
 def read_weights(attention: InfiniAttention, x: Tensor, positions: Sequence[int],
-                 write_keep: Tensor | None = None) -> Tensor:
+                 write_scale: Tensor | None = None) -> Tensor:
     """w_t = beta_t sigma(q_i) . sigma(k_t) for the queries at `positions` over every token t of the segments
     before the query's segment (0 elsewhere), in the memory dtype.
 
-    x: (B, T, dim) the attention sub-block's input; write_keep: (B, T) or None. Returns (B, H, A, T).
+    x: (B, T, dim) the attention sub-block's input; write_scale: (B, T) or None. Returns (B, H, A, T).
     """
     N = attention.segment_len
     dtype = memory_dtype(x.dtype)
@@ -261,8 +250,8 @@ def read_weights(attention: InfiniAttention, x: Tensor, positions: Sequence[int]
     q, k, v = q[:, :, pos].to(dtype), k.to(dtype), v.to(dtype)  # (B, H, A, D), (B, Hkv, T, D)
     rule = attention.rule
     beta = rule.write_strength(k, v)  # (B, Hkv, T) or None
-    if write_keep is not None:
-        keep = write_keep.to(dtype).unsqueeze(1)  # (B, 1, T)
+    if write_scale is not None:
+        keep = write_scale.to(dtype).unsqueeze(1)  # (B, 1, T)
         beta = keep if beta is None else beta * keep
     sigma_q, sigma_k = rule.features(q), rule.features(k)  # (B, H, A, Dk), (B, Hkv, T, Dk)
     B, H, A, Dk = sigma_q.shape

@@ -147,7 +147,8 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.feed_forward = SwiGLU(dim, ffn_dim)
 
-    def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
-        a, state = self.attention(self.attention_norm(x), state)
+    def forward(self, x: Tensor, state: AttentionState | None = None, write_scale: Tensor | None = None
+                ) -> tuple[Tensor, AttentionState]:
+        a, state = self.attention(self.attention_norm(x), state, write_scale)
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), state

@@ -92,28 +92,38 @@ class Transformer(nn.Module):
         device = device or self.tok_embeddings.weight.device
         return tuple(layer.attention.empty_state(batch, device, dtype) for layer in self.layers)
 
-    def hidden(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+    def hidden(self, tokens: Tensor, state: ModelState | None = None, write_scale: Tensor | None = None
+               ) -> tuple[Tensor, ModelState]:
         """The decoder stack without the output projection: tokens (B, T) -> final hidden states (B, T, dim),
         before the final norm, and the new state. Prefill projects only the last position; a chunked loss
-        projects a slice at a time."""
+        projects a slice at a time. write_scale: see forward."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} layers, the model {len(self.layers)}")
+        if write_scale is not None:
+            if write_scale.dim() == 2:
+                write_scale = write_scale.unsqueeze(0).expand(len(self.layers), -1, -1)
+            if tuple(write_scale.shape) != (len(self.layers), *tokens.shape):
+                raise ValueError(f"write_scale must be (batch, time) = {tuple(tokens.shape)} or (layers, batch, time) "
+                                 f"= {(len(self.layers), *tokens.shape)}, got {tuple(write_scale.shape)}")
         chunk = self._cpu_chunk_len(tokens)
         if chunk is None:
-            return self._hidden(tokens, state)
+            return self._hidden(tokens, state, write_scale)
         hidden = []
-        for start in range(0, tokens.shape[1], chunk):
-            h, state = self._hidden(tokens[:, start : start + chunk], state)
+        for start in range(0, tokens.shape[1], chunk):  # chunks of whole segments: write_scale stays valid
+            scale = None if write_scale is None else write_scale[..., start : start + chunk]
+            h, state = self._hidden(tokens[:, start : start + chunk], state, scale)
             hidden.append(h)
         return torch.cat(hidden, dim=1), state
 
-    def _hidden(self, tokens: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
+    def _hidden(self, tokens: Tensor, state: ModelState | None, write_scale: Tensor | None = None
+                ) -> tuple[Tensor, ModelState]:
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         new_state = []
         for i, layer in enumerate(self.layers):
-            h, layer_state = layer(h, None if state is None else state[i])
+            h, layer_state = layer(h, None if state is None else state[i],
+                                   None if write_scale is None else write_scale[i])
             new_state.append(layer_state)
         return h, tuple(new_state)
 
@@ -136,9 +146,14 @@ class Transformer(nn.Module):
         """Hidden states (..., dim) -> logits (..., vocab_size)."""
         return self.output(self.norm(h))
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None) -> TransformerOutput:
-        """tokens: (B, T) int64. state: None for a fresh stream, else the state returned by the previous call."""
-        h, new_state = self.hidden(tokens, state)
+    def forward(self, tokens: Tensor, state: ModelState | None = None, write_scale: Tensor | None = None
+                ) -> TransformerOutput:
+        """tokens: (B, T) int64. state: None for a fresh stream, else the state returned by the previous call.
+        write_scale (`infini` only): None, or a multiplier of each token's memory write, (B, T) for every layer or
+        (n_layers, B, T) per layer; 0 removes a token's write (probes' knock-outs), c > 1 writes it as c copies
+        (training augmentation). The call must start on a segment boundary (a fresh stream or whole segments so
+        far)."""
+        h, new_state = self.hidden(tokens, state, write_scale)
         return TransformerOutput(self.logits(h), new_state)
 
     def gates(self) -> Tensor | None:

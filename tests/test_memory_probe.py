@@ -224,17 +224,12 @@ def test_other_rules_weights_and_reads(update, feature_map):
 
 @torch.no_grad()
 def reference_logits(model: Transformer, tokens: torch.Tensor, positions, keep: dict[int, torch.Tensor]):
-    """The whole model through attention.reference's naive layer in one call, write_keep over the whole input."""
+    """The whole model through attention.reference's naive layer in one call, write_scale over the whole input."""
     h = model.tok_embeddings(tokens)
-    try:
-        for index, block in enumerate(model.layers):
-            block.attention.write_keep = keep.get(index)
-            a, _ = reference_layer(block.attention, block.attention_norm(h))
-            h = h + a
-            h = h + block.feed_forward(block.ffn_norm(h))
-    finally:
-        for block in model.layers:
-            block.attention.write_keep = None
+    for index, block in enumerate(model.layers):
+        a, _ = reference_layer(block.attention, block.attention_norm(h), keep.get(index))
+        h = h + a
+        h = h + block.feed_forward(block.ffn_norm(h))
     return model.logits(h[:, list(positions)])
 
 
@@ -253,7 +248,6 @@ def test_knockout_equals_the_reference_without_the_filler_writes(knocked):
     unmodified = teacher_forced_logits(model, tokens, positions)
     torch.testing.assert_close(unmodified, model(tokens).logits[:, list(positions)], rtol=1e-10, atol=1e-10)
     assert (logits - unmodified).abs().max() > 1e-4  # the knock-out does change the answer's logits
-    assert all(block.attention.write_keep is None for block in model.layers)
 
     # the probe's knock-out scores are these logits' verdicts
     variant = ALL_LAYERS if knocked == [0, 1] else "layer1"
@@ -272,15 +266,13 @@ def test_knockout_leaves_the_model_unmodified():
     before = model(torch.tensor([probe_prompts(TOKENIZER, [260], [0.5], 1, 0)[0].tokens])).logits
     probe_memory(model, TOKENIZER, [260], [0.5], 1, seed=0, segment_curve=False)
     assert model.training  # mode restored
-    assert all(block.attention.write_keep is None for block in model.layers)
     (prompt,) = probe_prompts(TOKENIZER, [260], [0.5], 1, 0)
     tokens = torch.tensor([prompt.tokens])
     torch.testing.assert_close(model(tokens).logits, before, rtol=0, atol=0)
-    # an error inside a knocked-out pass (a write_keep of the wrong length) still resets write_keep
+    # a knock-out of the wrong length is refused, naming the argument
     bad = torch.ones(1, tokens.shape[1] - 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match="write_keep"):
+    with pytest.raises(ValueError, match="write_scale"):
         teacher_forced_logits(model, tokens, prompt.answer_positions, {0: bad, 1: bad}, chunk_size=4096)
-    assert all(block.attention.write_keep is None for block in model.layers)
 
 
 def test_predicted_share_on_a_synthetic_case():

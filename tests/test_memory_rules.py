@@ -77,24 +77,56 @@ def test_variant_layer_matches_reference_outputs_memory_and_gradients(update, fe
 
 
 @pytest.mark.parametrize("update,feature_map,write_gate", VARIANTS[:2] + VARIANTS[-1:], ids=IDS[:2] + IDS[-1:])
-def test_write_knock_out_matches_reference_and_removes_the_tokens(update, feature_map, write_gate):
-    """write_keep (the probes' knock-out) equals the reference with the same mask, and knocking out every write
-    leaves the memory empty: the layer then computes its local path only, scaled by (1 - gate)."""
+def test_write_scale_matches_reference_and_zero_removes_the_tokens(update, feature_map, write_gate):
+    """write_scale (knock-outs at 0, augmentation above 1) equals the reference with the same multipliers, and
+    knocking out every write leaves the memory empty."""
     layer = make_layer(update, feature_map, write_gate)
     x = torch.randn(2, 50, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    keep = (torch.rand(2, 50, generator=torch.Generator().manual_seed(3)) > 0.4).double()
-    layer.write_keep = keep
-    y, state = layer(x)
-    y_ref, memories = reference_layer(layer, x)
+    g = torch.Generator().manual_seed(3)
+    scale = (torch.rand(2, 50, generator=g) > 0.4).double() * torch.rand(2, 50, generator=g, dtype=torch.float64) * 8
+    y, state = layer(x, None, scale)
+    y_ref, memories = reference_layer(layer, x, scale)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(state.memory.matrix, memories[2][0], rtol=1e-10, atol=1e-12)
-    layer.write_keep = torch.zeros(2, 50, dtype=torch.float64)
-    _, state = layer(x)
+    _, state = layer(x, None, torch.zeros(2, 50, dtype=torch.float64))
     assert torch.equal(state.memory.matrix, torch.zeros_like(state.memory.matrix))
     assert torch.equal(state.memory.norm, torch.zeros_like(state.memory.norm))
-    with pytest.raises(ValueError, match="write_keep"):
-        layer.write_keep = torch.ones(2, 49, dtype=torch.float64)
-        layer(x)
+    with pytest.raises(ValueError, match="write_scale"):
+        layer(x, None, torch.ones(2, 49, dtype=torch.float64))
+    _, half = layer(x[:, :20])
+    with pytest.raises(ValueError, match="starts on a segment boundary"):  # 4 cached tokens of segment 1
+        layer(x[:, 20:], half, torch.ones(2, 30, dtype=torch.float64))
+
+
+def test_linear_write_scale_c_equals_c_copies_of_the_token():
+    """Under (4) a token written with weight c adds exactly what c copies add: the augmentation's premise."""
+    rule = build_rule("linear", 1, 4).double()
+    g = torch.Generator().manual_seed(0)
+    sigma_k = rule.features(torch.randn(1, 1, 1, 3, 4, generator=g, dtype=torch.float64))
+    values = with_ones(torch.randn(1, 1, 1, 3, 4, generator=g, dtype=torch.float64))
+    empty = augment(rule.empty(1, dtype=torch.float64))
+    _, scaled = rule.prefix(empty, sigma_k, values, torch.tensor([[[[1.0, 3.0, 1.0]]]], dtype=torch.float64))
+    index = torch.tensor([0, 1, 1, 1, 2])  # token 1 three times
+    copies, copied_values = sigma_k[:, :, :, index], values[:, :, :, index]
+    _, copied = rule.prefix(empty, copies, copied_values, None)
+    torch.testing.assert_close(scaled, copied, rtol=1e-12, atol=1e-12)
+
+
+def test_write_scale_through_the_model_per_layer_and_refused_without_memory():
+    model = tiny_model("linear", "elu", False)
+    x = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    ones = model(x, None, torch.ones(2, 24, dtype=torch.float64))
+    torch.testing.assert_close(ones.logits, model(x).logits, rtol=0, atol=0)
+    per_layer = torch.ones(2, 2, 24, dtype=torch.float64)
+    per_layer[1] = 0.0  # layer 1 writes nothing, layer 0 everything
+    out = model(x, None, per_layer)
+    assert torch.equal(out.state[1].memory.norm, torch.zeros_like(out.state[1].memory.norm))
+    torch.testing.assert_close(out.state[0].memory.norm, ones.state[0].memory.norm)
+    with pytest.raises(ValueError, match="write_scale must be"):
+        model(x, None, torch.ones(3, 2, 24, dtype=torch.float64))
+    local = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, segment_len=8, attention="local"))
+    with pytest.raises(ValueError, match="keeps no memory"):
+        local(x, None, torch.ones(2, 24))
 
 
 def tiny_model(update: str, feature_map: str, write_gate: bool, segment_len: int = 8, **overrides) -> Transformer:
