@@ -67,6 +67,7 @@ def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelSt
     cfg.tbptt_segments segments (the memory is detached there and backward runs per chunk). The summed token
     loss is multiplied by `scale` before backward. Returns (summed token loss, final state, detached)."""
     tokens, targets, mask = (batch[k].to(runtime.device) for k in ("tokens", "targets", "loss_mask"))
+    write_scale = batch["write_scale"].to(runtime.device) if "write_scale" in batch else None  # (B, T) or None
     T = tokens.shape[1]
     chunk = cfg.tbptt_segments * segment_len if cfg.tbptt_segments > 0 else T
     starts = list(range(0, T, chunk))
@@ -75,7 +76,8 @@ def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelSt
         stop = start + chunk
         with no_sync(module, sync and i == len(starts) - 1):
             with runtime.autocast():
-                out = module(tokens[:, start:stop], state)
+                out = module(tokens[:, start:stop], state,
+                             None if write_scale is None else write_scale[:, start:stop])
             token_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets[:, start:stop].flatten(),
                                          reduction="none")  # (B*chunk,)
             loss = (token_loss * mask[:, start:stop].flatten()).sum()
@@ -178,6 +180,11 @@ def validate(cfg: TrainConfig, tokenizer: Tokenizer, stages: list[Stage]) -> Non
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                          f"({tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r})")
+    scaled = [where for where, data in [("data", cfg.data), *((f"{s.label}.data", s.data) for s in stages)]
+              if data.kind == "passkey" and data.passkey_haystack_scale != 1.0]
+    if scaled and cfg.model.attention != "infini":
+        raise ValueError(f"{scaled[0]}.passkey_haystack_scale scales memory writes: model.attention="
+                         f"{cfg.model.attention!r} keeps no memory (use 1.0)")
     t = cfg.trainer
     if t.max_steps <= 0 or t.grad_accum <= 0 or t.tbptt_segments < 0:
         raise ValueError("trainer.max_steps and trainer.grad_accum must be positive, trainer.tbptt_segments >= 0")

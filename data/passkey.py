@@ -11,6 +11,7 @@ An empty filler part leaves an empty line, as in Landmark's `"\\n".join(parts)`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ class PasskeyPrompt:
     """Index in `tokens` of the first needle token."""
     needle_end: int
     """Index in `tokens` one past the last needle token (exclusive)."""
+    haystack: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    """[start, end) of the filler before and of the filler after the needle (the haystack; either may be empty)."""
 
     @property
     def length(self) -> int:
@@ -165,6 +168,8 @@ class PasskeyTemplate:
         head = self.instruction + sep + self.filler(before) + sep  # everything before the needle
         tokens = head + needle + sep + self.filler(filler_total - before) + sep + self.question
         assert len(tokens) == length, (len(tokens), length)
+        first = len(self.instruction) + len(sep)  # the first filler token
+        after = len(head) + len(needle) + len(sep)  # the first token of the filler after the needle
         return PasskeyPrompt(
             tokens=tokens,
             passkey=passkey,
@@ -172,6 +177,7 @@ class PasskeyTemplate:
             depth=depth,
             needle_start=len(head),
             needle_end=len(head) + len(needle),
+            haystack=((first, first + before), (after, after + filler_total - before)),
         )
 
 
@@ -238,6 +244,14 @@ class PasskeyDataset(Dataset):
     prompts have lengths like 2^k, so their answers open a new segment and the question is reachable only
     through the memory; a model trained on one offset never learns that case. "uniform" puts only 1/N of the
     answers on a boundary; "balanced" gives each case a third.
+
+    haystack_scale > 1 (a training augmentation, off at 1): each example's haystack (filler) tokens are written
+    into the memory with a multiplicity c drawn log-uniformly from [1, haystack_scale] (the batch's write_scale,
+    which the trainer passes to the model). Under the linear rule (4) a token written with weight c adds exactly
+    what c copies of it add to M and z, so a short prompt presents the memory state of a prompt with up to
+    haystack_scale times its filler (the filler's phase within segments aside): the reads learn to survive the
+    filler mass of long inputs without the compute of long inputs. The local attention path and the evaluation
+    prompts are untouched. With a delta rule c is a stronger write, not c copies.
     """
 
     def __init__(
@@ -252,6 +266,7 @@ class PasskeyDataset(Dataset):
         answer_weight: float = 1.0,
         answer_offset: str = "fixed",
         segment_len: int | None = None,
+        haystack_scale: float = 1.0,
     ):
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
@@ -264,6 +279,8 @@ class PasskeyDataset(Dataset):
                              "positions within a segment)")
         if segment_len is not None and segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {segment_len!r}")
+        if not haystack_scale >= 1.0:
+            raise ValueError(f"haystack_scale must be >= 1 (1: off), got {haystack_scale!r}")
         low, high = depth_range
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"depth_range must satisfy 0 <= low <= high <= 1, got {depth_range}")
@@ -280,6 +297,7 @@ class PasskeyDataset(Dataset):
         self.answer_weight = answer_weight
         self.answer_offset = answer_offset
         self.segment_len = segment_len
+        self.haystack_scale = float(haystack_scale)
         self.offset_ranges: list[range] = []  # "balanced": one range of offsets per class, OFFSET_CLASSES order
         if answer_offset == "balanced":
             ranges = offset_class_ranges(segment_len, self.template.question_len)
@@ -320,15 +338,29 @@ class PasskeyDataset(Dataset):
             length -= (length - offset) % self.segment_len
         return self.template.prompt(length, depth, passkey)
 
+    def write_scale(self, index: int, prompt: PasskeyPrompt) -> Tensor:
+        """The memory-write multiplier of example `index` (haystack_scale > 1): c on the haystack (filler) tokens,
+        1 elsewhere, c drawn log-uniformly from [1, haystack_scale] per example. (T,) float32."""
+        rng = derived_rng("passkey-haystack-scale", int(self.seed), int(index))
+        c = math.exp(rng.uniform(0.0, math.log(self.haystack_scale)))
+        scale = torch.ones(self.seq_len)
+        for start, end in prompt.haystack:
+            scale[start:end] = c
+        return scale
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        """tokens (T,) int64, targets (T,) int64, loss_mask (T,) float32 of example `index`."""
+        """tokens (T,) int64, targets (T,) int64, loss_mask (T,) float32 of example `index`; with
+        haystack_scale > 1 also write_scale (T,) float32 (see the class docstring)."""
         prompt = self.prompt(index)
         example = prompt.tokens + prompt.answer_tokens  # (T + 1,)
         loss_from = len(prompt.tokens) if self.loss_on == "answer" else 1
         tokens, targets, loss_mask = shift_and_pad(example, self.seq_len, self.tokenizer.pad_id, loss_from)
         if self.answer_weight != 1.0:  # the answer targets are the last len(answer) positions
             loss_mask[len(prompt.tokens) - 1 : len(example) - 1] *= self.answer_weight
-        return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+        row = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+        if self.haystack_scale > 1.0:
+            row["write_scale"] = self.write_scale(index, prompt)
+        return row
 
 
 class PasskeyBatches:
@@ -371,10 +403,12 @@ class PasskeyBatches:
         dataset = self.dataset_at(self.step)
         rows = [dataset[i] for i in self.example_indices(self.step)]
         self.step += 1
+        extra = {"write_scale": torch.stack([row["write_scale"] for row in rows])} if "write_scale" in rows[0] else {}
         return {
             "tokens": torch.stack([row["tokens"] for row in rows]),  # (B, T)
             "targets": torch.stack([row["targets"] for row in rows]),  # (B, T)
             "loss_mask": torch.stack([row["loss_mask"] for row in rows]),  # (B, T)
+            **extra,  # write_scale (B, T): the haystack-scale augmentation
             "new_document": torch.ones(self.batch_size, dtype=torch.bool),  # (B,)
         }
 
@@ -385,6 +419,8 @@ class PasskeyBatches:
         first = self.datasets[0]
         if first.answer_offset != "fixed":  # only then: states saved before the offset modes stay loadable
             config.update(answer_offset=first.answer_offset, segment_len=first.segment_len)
+        if first.haystack_scale != 1.0:
+            config.update(haystack_scale=first.haystack_scale)
         return config
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,6 +6,9 @@ A batch is a dict of tensors (B batch rows, T = seq_len):
     loss_mask     (B, T) float32  1 where the target counts in the loss, 0 on prompts and padding
     new_document  (B,)   bool     True where row b starts a new document: a trainer that carries the model's
                                   memory across steps resets that row's memory first
+and optionally
+    write_scale   (B, T) float32  a multiplier of each token's memory write (Transformer.forward's write_scale;
+                                  the passkey haystack-scale augmentation); absent: every token written once
 
 A stream is an endless iterator of such batches plus `state_dict()` / `load_state_dict()`: the state is small,
 JSON-serialisable and taken after the batches already returned by `next`, so a run resumed from it receives

@@ -324,3 +324,41 @@ def test_offset_modes_are_deterministic_resumable_and_checked():
     build_data(cfg, TOKENIZER, 0, 1, validation=True, segment_len=64)  # validation uses seq_len 512 only
     with pytest.raises(ValueError, match="data.seq_len length 512.*needs the model's segment_len"):
         build_data(DataConfig(seq_len=512, passkey_answer_offset="uniform"), TOKENIZER, 0, 1)
+
+
+def test_haystack_spans_and_write_scale_augmentation():
+    """The haystack spans are exactly the filler; write_scale is c on them (one c per example, log-uniform in
+    [1, haystack_scale], deterministic) and 1 elsewhere; off at 1; validation batches never scaled."""
+    from data.passkey import PasskeyDataset
+    from data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("byte")
+    dataset = PasskeyDataset(tokenizer, 512, seed=3, haystack_scale=16.0)
+    cs = []
+    for index in range(200):
+        prompt, row = dataset.prompt(index), dataset[index]
+        (b0, b1), (a0, a1) = prompt.haystack
+        assert b1 <= prompt.needle_start < prompt.needle_end <= a0 and a1 <= prompt.length
+        assert prompt.tokens[b0:b1] == dataset.template.filler(b1 - b0)
+        assert prompt.tokens[a0:a1] == dataset.template.filler(a1 - a0)
+        outside = [t for i, t in enumerate(prompt.tokens) if not (b0 <= i < b1 or a0 <= i < a1)]
+        assert len(outside) == dataset.template.fixed_length(prompt.passkey)  # instruction, needle, question, \n
+        scale = row["write_scale"]
+        inside = torch.zeros(512, dtype=torch.bool)
+        inside[b0:b1] = inside[a0:a1] = True
+        assert torch.equal(scale[~inside], torch.ones(int((~inside).sum())))
+        c = scale[inside].unique()
+        assert c.numel() == 1 and 1.0 <= float(c) <= 16.0
+        cs.append(float(c))
+        assert torch.equal(dataset[index]["write_scale"], scale)  # a function of (seed, index)
+    logs = torch.tensor(cs).log() / torch.tensor(16.0).log()  # log-uniform: uniform in [0, 1]
+    assert logs.min() < 0.1 and logs.max() > 0.9 and 0.35 < logs.mean() < 0.65
+    assert "write_scale" not in PasskeyDataset(tokenizer, 512, seed=3)[0]
+    with pytest.raises(ValueError, match="haystack_scale must be >= 1"):
+        PasskeyDataset(tokenizer, 512, seed=3, haystack_scale=0.5)
+    from training.config import DataConfig
+    from training.data import build_data
+
+    config = DataConfig(seq_len=512, batch_size=2, passkey_haystack_scale=8.0)
+    assert build_data(config, tokenizer, 0, 1, segment_len=64).__next__()["write_scale"].max() > 1
+    assert "write_scale" not in next(build_data(config, tokenizer, 0, 1, validation=True, segment_len=64))

@@ -446,3 +446,30 @@ def test_init_from_a_hugging_face_llama_directory(tmp_path):
         assert torch.equal(trained.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match="dim"):
         train.train(smoke(tmp_path / "bad", *shape, "model.dim=64"))
+
+
+def test_haystack_scale_reaches_the_model_and_needs_a_memory(tmp_path):
+    """data.passkey_haystack_scale: the batch's write_scale reaches the model's memory writes (the first step's loss
+    is the loss of model(tokens, None, write_scale) on the same batch and weights), and a model without memory is
+    refused before training."""
+    from training.data import build_data
+
+    config = smoke(tmp_path, "data.passkey_haystack_scale=16", "trainer.max_steps=1", "optim.lr=0")
+    summary = train.train(config)
+    typed, _ = train.to_train_config(config)
+    model = load_model(latest_checkpoint(tmp_path))[0]  # lr 0: the weights of step 1
+    batch = next(build_data(typed.data, load_tokenizer("byte"), 0, 1, segment_len=typed.model.segment_len))
+    assert batch["write_scale"].max() > 1
+    mask = batch["loss_mask"].flatten()
+
+    def loss(write_scale):
+        with torch.no_grad():
+            logits = model(batch["tokens"], None, write_scale).logits
+        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
+                                                       reduction="none")
+        return float((token_loss * mask).sum() / mask.sum())
+
+    assert summary["losses"][1] == pytest.approx(loss(batch["write_scale"]), rel=1e-5)
+    assert abs(loss(None) - loss(batch["write_scale"])) > 1e-6  # the scale changed the loss
+    with pytest.raises(ValueError, match="passkey_haystack_scale scales memory writes"):
+        train.train(smoke(tmp_path / "local", "data.passkey_haystack_scale=4", "attention=local"))

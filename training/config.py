@@ -44,6 +44,11 @@ class DataConfig:
     straddles 0 < r < q; inside r >= q; q the question's tokens, 37 bytes), r uniform inside it. uniform and
     balanced shorten the prompt by up to N-1 tokens (padding after the answer, no loss), so every training length
     needs N-1 tokens beyond the template's minimum; balanced needs N > q."""
+    passkey_haystack_scale: float = 1.0
+    """passkey, training augmentation (1: off): each example's filler tokens are written into the memory with a
+    multiplicity c drawn log-uniformly from [1, this] (data/passkey.py, PasskeyDataset). Under the linear rule a
+    token written with weight c adds what c copies add, so short prompts present the memory states of prompts with
+    up to this many times their filler. Validation batches and evaluation prompts are never scaled."""
     answer_weight: float = 1.0
     """passkey: weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
     # text and booksum

@@ -52,7 +52,8 @@ def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int
                 datasets.append(PasskeyDataset(
                     tokenizer, length, seed, cfg.passkey_digits, (cfg.passkey_depth_min, cfg.passkey_depth_max),
                     loss_on=cfg.loss_on, answer_weight=cfg.answer_weight, answer_offset=cfg.passkey_answer_offset,
-                    segment_len=segment_len))
+                    segment_len=segment_len,
+                    haystack_scale=1.0 if validation else cfg.passkey_haystack_scale))  # validation: real memories
             except ValueError as error:  # name the config fields behind the dataset's arguments
                 where = "data.seq_len_mix" if mixed else "data.seq_len"
                 raise ValueError(f"passkey data with {where} length {length}, data.passkey_answer_offset="
