@@ -37,7 +37,7 @@ from training.data import build_data
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallel import Runtime, all_gather_objects, all_reduce_sum, init_runtime, no_sync, parallelize
-from training.stages import Stage, longest_training_length, resolve_stages, stage_at
+from training.stages import Curriculum, Stage, longest_training_length, resolve_stages
 
 register_configs()
 
@@ -245,12 +245,21 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     model = model.to(runtime.device)
     module = parallelize(model, cfg.trainer, runtime)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps, [(s.steps, s.optim) for s in stages])
+    curriculum = Curriculum(stages, cfg.trainer.max_steps)  # the stages' actual boundaries (some may end early)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps, [(s.steps, s.optim) for s in stages],
+                                curriculum)
 
-    def stream(of: Stage | None):
-        """The training stream of stage `of` (None: no trainer.stages, data.* as given)."""
+    def stream(of: Stage | None, validation: bool = False):
+        """The training (or validation) stream of stage `of` (None: no trainer.stages, data.* as given)."""
         return build_data(cfg.data if of is None else of.data, tokenizer, runtime.rank, runtime.world_size,
-                          segment_len=cfg.model.segment_len)
+                          validation=validation, segment_len=cfg.model.segment_len)
+
+    def validation_batches(of: Stage | None):
+        """The validation batches of stage `of` (its data, a disjoint seed), or None without periodic evaluation."""
+        if cfg.trainer.eval_every <= 0:
+            return None
+        val_stream = stream(of, validation=True)
+        return [next(val_stream) for _ in range(cfg.trainer.eval_batches)]
 
     step = 0
     carried: ModelState | None = None
@@ -258,9 +267,13 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     trainer_state = load_checkpoint(resume_from, module, model, optimizer, scheduler) if resume_from else None
     if trainer_state is not None:
         step = trainer_state["step"]
+        recorded_starts = trainer_state.get("stage_starts")
+        if stages and recorded_starts and curriculum.could_have_run(recorded_starts):
+            curriculum.load_state_dict({"starts": recorded_starts})  # stages that ended early ended there
+        # (starts these stages cannot have produced: the stages changed; the check below names the mismatch)
     # the stage of the next step; a checkpoint records the stage whose stream it saved: at a stage's first step,
     # the new stage's (the loop switches streams right after a stage's last step, before checkpointing)
-    stage = stage_at(stages, step) if stages else None
+    stage = curriculum.stage_at(step) if stages else None
     data = stream(stage)
     if trainer_state is not None:
         recorded = trainer_state.get("stage")
@@ -283,11 +296,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     stop = StopRequest()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": str(resume_from) if resume_from else None,
                                "losses": {}}
-    val_batches = None
-    if cfg.trainer.eval_every > 0:
-        val_stream = build_data(cfg.data, tokenizer, runtime.rank, runtime.world_size, validation=True,
-                                segment_len=cfg.model.segment_len)
-        val_batches = [next(val_stream) for _ in range(cfg.trainer.eval_batches)]
+    val_batches = validation_batches(stage)
 
     def checkpoint(at_step: int) -> Path | None:
         carry = None
@@ -297,7 +306,8 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                 carry.update({f"rank{rank}/{k}": v for k, v in tensors.items()})
         return save_checkpoint(
             run_dir, at_step, module, model, optimizer, scheduler, all_gather_objects(data.state_dict(), runtime),
-            {"name": cfg.name, **({"stage": stage.index, "stage_name": stage.name} if stage else {})},
+            {"name": cfg.name, **({"stage": stage.index, "stage_name": stage.name, "stage_starts": curriculum.starts}
+                                  if stage else {})},
             cfg.data.tokenizer, plain_config, cfg.trainer.keep_last, runtime.is_main, carry,
         )
 
@@ -312,7 +322,10 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
         if not runtime.is_main:
             return
         mix = f" (mix {of.data.seq_len_mix})" if of.data.seq_len_mix else ""
-        line = (f"{of.label}: steps {of.start + 1}-{of.end} of {cfg.trainer.max_steps}, seq_len {of.data.seq_len}"
+        start, length = curriculum.span(of.index)
+        until = f" (or until {' '.join(map(str, of.advance_when))})" if of.advance_when else ""
+        line = (f"{of.label}: steps {start + 1}-{start + length}{until} of {cfg.trainer.max_steps}, seq_len "
+                f"{of.data.seq_len}"
                 f"{mix}, batch_size {of.data.batch_size}, lr {of.optim.lr}, warmup {of.optim.warmup_steps}, "
                 f"schedule {of.optim.schedule}")
         if progress is not None:
@@ -373,11 +386,25 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
             if progress is not None:
                 progress.update(1)
             if val_batches is not None and step % cfg.trainer.eval_every == 0:
-                logger.log(periodic_eval(cfg, model, module, val_batches, tokenizer, runtime, training_length), step)
-            if stage is not None and step < cfg.trainer.max_steps and stage_at(stages, step).index != stage.index:
+                record = periodic_eval(cfg, model, module, val_batches, tokenizer, runtime, training_length)
+                logger.log(record, step)
+                if stage is not None and stage.should_advance(record):
+                    curriculum.advance(stage.index, step)  # the next stage starts now; the last one gets the steps
+                    scheduler.last_epoch = step - 1
+                    scheduler.step()  # the next step's lr, from the new boundaries
+                    if runtime.is_main:
+                        metric, op, value = stage.advance_when
+                        line = (f"{stage.label} ends at step {step}: {metric}={record[metric]:.4g} {op} {value:g}; "
+                                f"{curriculum.max_steps - curriculum.starts[-1]} steps for the last stage")
+                        if progress is not None:
+                            progress.write(line)
+                        else:
+                            print(line, flush=True)
+            if stage is not None and step < cfg.trainer.max_steps and curriculum.index_at(step) != stage.index:
                 # a stage ends: the next stage's stream, before a checkpoint at this step records it
-                stage = stage_at(stages, step)
+                stage = curriculum.stage_at(step)
                 data = stream(stage)
+                val_batches = validation_batches(stage)
                 carried = None  # the memory of the previous stage's rows (its batch size, its sequences)
                 announce(stage)
 

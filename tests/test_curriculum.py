@@ -200,3 +200,53 @@ def test_no_weight_decay_composes_from_the_command_line(tmp_path):
     assert typed.optim.no_weight_decay == ["tok_embeddings.weight"]
     assert math.isfinite(train.train(smoke(tmp_path, "trainer.max_steps=1",
                                            "optim.no_weight_decay=[tok_embeddings.weight]"))["losses"][1])
+
+
+ADVANCING = ("trainer.stages=[{steps:4,name:short,data:{seq_len:256,batch_size:3},advance_when:'val/loss <= 100'},"
+             "{steps:3,name:long,data:{seq_len:384,batch_size:1},optim:{warmup_steps:1,min_lr_ratio:0.5}}]")
+
+
+def test_advance_when_ends_a_stage_early_and_the_last_stage_gets_the_steps(tmp_path, monkeypatch, capsys):
+    """A stage whose condition holds at a periodic evaluation ends there: the next stage's stream and validation
+    batches from the next step on, the last stage's schedule stretched over the steps saved, the boundaries in
+    every checkpoint, and a resume mid-stage equals the uninterrupted run."""
+    recorder = RecordBatches()
+    monkeypatch.setattr(train, "forward_backward", recorder)
+    extra = ("trainer.max_steps=7", "trainer.eval_every=2", "trainer.eval_batches=1", *BASE_OPTIM, ADVANCING)
+    full = train.train(smoke(tmp_path / "full", *extra, "trainer.ckpt_every=1", "trainer.keep_last=0"))
+    monkeypatch.undo()
+    assert recorder.shapes == [(3, 256)] * 2 + [(1, 384)] * 5  # stage 0 ended after step 2 of its planned 4
+    records = read_metrics(tmp_path / "full")
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["train/stage"] for r in train_records] == [0, 0, 1, 1, 1, 1, 1]
+    # stage 1 restarts warmup (1 step) then cosine to 0.5 over its 5 steps (planned 3): steps 3..7
+    expected = [1e-3 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * (i - 1) / 4))) if i else 1e-3 for i in range(5)]
+    assert [r["train/lr"] for r in train_records[2:]] == pytest.approx(expected, rel=1e-12)
+    state = json.loads((tmp_path / "full" / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["stage"] == 1 and state["stage_starts"] == [0, 2]
+    assert "ends at step 2: val/loss=" in capsys.readouterr().out
+
+    monkeypatch.setattr(train, "forward_backward", SignalAt(5))
+    stopped = train.train(smoke(tmp_path / "run", *extra))
+    monkeypatch.undo()
+    resumed = train.train(smoke(tmp_path / "run", *extra))
+    assert losses_of(stopped) + losses_of(resumed) == losses_of(full)
+    assert [r["train/lr"] for r in read_metrics(tmp_path / "run") if "train/lr" in r] == \
+        [r["train/lr"] for r in train_records]
+
+
+def test_advance_when_not_met_keeps_the_plan_and_bad_conditions_are_named(tmp_path):
+    never = ADVANCING.replace("val/loss <= 100", "val/loss <= -1")
+    train.train(smoke(tmp_path / "never", "trainer.max_steps=7", "trainer.eval_every=2", "trainer.eval_batches=1",
+                      never))
+    stages_logged = [r["train/stage"] for r in read_metrics(tmp_path / "never") if "train/stage" in r]
+    assert stages_logged == [0, 0, 0, 0, 1, 1, 1]
+    misspelt = ADVANCING.replace("val/loss <= 100", "val/los <= 100")
+    with pytest.raises(ValueError, match=r"advance_when names 'val/los'.*val/loss"):
+        train.train(smoke(tmp_path / "misspelt", "trainer.max_steps=7", "trainer.eval_every=2",
+                          "trainer.eval_batches=1", misspelt))
+    with pytest.raises(ValueError, match=r"advance_when='val/loss < 1': expected"):
+        train.train(smoke(tmp_path / "syntax", "trainer.max_steps=7", ADVANCING.replace("<= 100", "< 1")))
+    last = "trainer.stages=[{steps:3},{steps:4,advance_when:'val/loss <= 1'}]"
+    with pytest.raises(ValueError, match="the last stage has no next stage"):
+        train.train(smoke(tmp_path / "last", "trainer.max_steps=7", last))

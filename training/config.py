@@ -118,6 +118,14 @@ class StageConfig:
     steps at this stage's lr."""
     name: str = ""
     """A label for logs and checkpoints; empty: "stage<i>" (i from 0)."""
+    advance_when: str = ""
+    """End the stage early, at the first periodic evaluation (trainer.eval_every) whose record meets this
+    condition: "<metric> <= <value>" or "<metric> >= <value>", e.g. "val/loss <= 0.3" (validation batches are the
+    current stage's). `steps` is then the most the stage may take; the steps it saves go to the last stage, so the
+    run still lasts trainer.max_steps. Why: a curriculum advances when a stage has done its job (the recurrent
+    memory transformers' curricula add a segment once training converges), and when that happens varies from run
+    to run (the default job's retrieval appears between ~1500 and ~2500 steps). Empty: the stage lasts `steps`. Not
+    on the last stage."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -74,18 +75,39 @@ def stage_index(step: int, stage_steps: Sequence[int]) -> int:
     return len(stage_steps) - 1
 
 
+class Boundaries(Protocol):
+    """Where each stage starts and how long it lasts (training.stages.Curriculum; may change during a run)."""
+
+    def index_at(self, step: int) -> int: ...
+
+    def span(self, index: int) -> tuple[int, int]: ...
+
+
+class _FixedBoundaries:
+    """Stages of fixed lengths, back to back."""
+
+    def __init__(self, stage_steps: Sequence[int]):
+        self.stage_steps = list(stage_steps)
+
+    def index_at(self, step: int) -> int:
+        return stage_index(step, self.stage_steps)
+
+    def span(self, index: int) -> tuple[int, int]:
+        return sum(self.stage_steps[:index]), self.stage_steps[index]
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int,
-                    stages: Sequence[tuple[int, OptimConfig]] = ()):
+                    stages: Sequence[tuple[int, OptimConfig]] = (), boundaries: Boundaries | None = None):
     """LambdaLR of the global step. Without stages: lr_factor over max_steps. With stages ((steps, merged
     OptimConfig) in order, trainer.stages): every stage restarts the schedule, warmup then cosine or constant over
     its own steps, at its own lr. Groups keep their base lr optim.lr * lr_multiplier, scaled by stage lr / optim.lr
-    (exactly 1.0 for a stage that keeps optim.lr), so the factor is a pure function of the step: a resumed
-    scheduler (last_epoch restored) continues every stage's schedule exactly."""
+    (exactly 1.0 for a stage that keeps optim.lr), so the factor is a pure function of the step and the stage
+    boundaries: a resumed scheduler (last_epoch restored) continues every stage's schedule exactly. `boundaries`
+    (a Curriculum) gives the stages' actual starts when a stage may end early; default: the planned steps."""
     if not stages:
         lr_factor(cfg.warmup_steps, cfg, max_steps)  # validate the schedule name now, not at the end of warmup
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
-    stage_steps = [steps for steps, _ in stages]
-    starts = [sum(stage_steps[:i]) for i in range(len(stages))]
+    bounds = boundaries if boundaries is not None else _FixedBoundaries([steps for steps, _ in stages])
     ratios = []
     for i, (steps, stage_cfg) in enumerate(stages):
         lr_factor(stage_cfg.warmup_steps, stage_cfg, steps)
@@ -98,7 +120,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
             ratios.append(stage_cfg.lr / cfg.lr)
 
     def factor(step: int) -> float:
-        i = stage_index(step, stage_steps)
-        return ratios[i] * lr_factor(step - starts[i], stages[i][1], stage_steps[i])
+        i = bounds.index_at(step)
+        start, length = bounds.span(i)
+        return ratios[i] * lr_factor(step - start, stages[i][1], length)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
