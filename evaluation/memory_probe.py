@@ -780,7 +780,7 @@ def markdown_report(results: ProbeResults) -> str:
               "r = mean read weight per filler token / per needle token; predicted share = n_needle / (n_needle + "
               "r n_filler) at the target length.", "",
               "| layer | head | " + " | ".join(f"r at {n}" for n in lengths)
-              + f" | predicted at {target} ({target / source:g}x) from {source} / measured (%) |",
+              + f" | predicted at {target} ({target / source:.1f}x) from {source} / measured (%) |",
               "|---:|---:|" + "---:|" * (len(lengths) + 1)]
     predicted = results.predicted_share(source, target)
     for layer in range(n_layers):
