@@ -324,7 +324,7 @@ def test_files_tables_and_flat_metrics(tmp_path):
     for heading in ("## Prompt ends", "## Needle share", "## Filler-to-needle ratio", "## Write knock-out",
                     "## Gates", "## Write strength", "## Reads by the query's segment at 1024 tokens"):
         assert heading in table
-    assert "predicted at 1024 (4x) from 256 / measured (%)" in table
+    assert "predicted at 1024 (4.0x) from 256 / measured (%)" in table
     assert "| 1024 (4x, opens) |" in table
     assert (tmp_path / "memory_probe.png").read_bytes()[:8] == PNG
     metrics = needle_share_summary(results)
