@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from data.passkey import check_offset_settings
 from models.config import ModelConfig
+from training.lora import LoraConfig
 
 
 @dataclass
@@ -229,6 +230,8 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA continual pre-training (training/lora.py); off by default."""
     name: str = "run"
     """A label for the run (W&B name, log lines)."""
 
