@@ -272,3 +272,22 @@ def test_cache_is_a_transformers_cache():
 
     cache = InfiniCache()
     assert isinstance(cache, Cache) and cache.get_seq_length() == 0 and cache.nbytes() == 0
+
+
+def test_peft_lora_on_the_transformers_class_merges_to_the_same_logits():
+    peft = pytest.importorskip("peft")
+    model = tiny_model()
+    lora = peft.get_peft_model(InfiniForCausalLM.from_transformer(model),
+                               peft.LoraConfig(r=4, target_modules=["wq", "wv", "w2"], init_lora_weights=False))
+    trainable = [name for name, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name for name in trainable)
+    x = tokens(20, batch=2)
+    lora(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in lora.parameters() if p.requires_grad)
+    with torch.no_grad():
+        adapted = lora(input_ids=x).logits
+        base = tiny_model()  # the same weights (LoRA went into `model` in place)
+        assert (adapted - base(x).logits).abs().max() > 1e-3  # the adapters (w2 too, inside SwiGLU) act
+        merged = lora.merge_and_unload()
+        assert isinstance(merged, InfiniForCausalLM)
+        torch.testing.assert_close(merged(input_ids=x).logits, adapted, rtol=0, atol=1e-5)

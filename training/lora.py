@@ -86,6 +86,16 @@ def trainable_parameters(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
+def lora_summary(model: nn.Module) -> str:
+    """One line: how many parameters train, in adapters and in full."""
+    params = dict(model.named_parameters())
+    adapters = sum(p.numel() for n, p in params.items() if p.requires_grad and ".lora_" in n)
+    full = sum(p.numel() for n, p in params.items() if p.requires_grad and ".lora_" not in n)
+    total = sum(p.numel() for p in params.values())
+    return (f"lora: {adapters + full:,} of {total:,} parameters train ({adapters:,} in adapters, {full:,} in full: "
+            "gates and memory-rule parameters)")
+
+
 def lora_config_of(meta: dict[str, Any]) -> LoraConfig | None:
     """The LoRA settings a training checkpoint's config.json records (None: trained without LoRA)."""
     section = meta.get("train_config", {}).get("lora") or {}
