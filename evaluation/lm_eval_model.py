@@ -8,8 +8,8 @@ The harness (0.4.x) finds only the models it ships, so `lm_eval --model infini` 
 `python -m evaluation.lm_eval_model` is the harness's own command line with `infini` registered.
 
 model_args: pretrained (this project's model directory, models/checkpoint.py, or a transformers directory written by
-models/hf_model.py), tokenizer (default: the checkpoint's), device, dtype (float32, bfloat16, float16), chunk_size
-(tokens per forward call: bounds memory), batch_size.
+models/hf_model.py), tokenizer (default: the checkpoint's), device, dtype (float32, bfloat16, float16, float64),
+chunk_size (tokens per forward call: bounds memory), batch_size.
 
 - loglikelihood: context + continuation streamed in chunks (evaluation.perplexity.stream_scores), only the
   continuation's positions projected to the vocabulary. Requests whose token sequences have the same length run
@@ -40,10 +40,10 @@ from data.tokenizer import load_tokenizer
 from evaluation.perplexity import score_document, stream_scores
 from models.checkpoint import load_model
 from models.generation import GenerationConfig, generate
+from models.hf import DTYPES
 from models.transformer import Transformer
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
 
 

@@ -134,7 +134,11 @@ def test_generate_greedy_and_beam_equal_models_generation(prompt_len):
         assert theirs[:, prompt_len:].tolist() == ours, num_beams
 
 
-def test_generate_beam_with_stop_token_equals_models_generation():
+def test_generate_beam_with_stop_token_equals_models_generation(monkeypatch):
+    reorders = []
+    original = InfiniCache.reorder_cache
+    monkeypatch.setattr(InfiniCache, "reorder_cache",
+                        lambda cache, beam_idx: reorders.append(beam_idx.tolist()) or original(cache, beam_idx))
     model = tiny_model(seed=3)
     wrapper = InfiniForCausalLM.from_transformer(model)
     prompt = tokens(10, seed=4)
@@ -147,6 +151,8 @@ def test_generate_beam_with_stop_token_equals_models_generation():
                               attention_mask=torch.ones_like(prompt))[0, 10:].tolist()
     assert len(ours) < 10
     assert theirs[: len(ours)] == ours and theirs[len(ours)] == stop
+    # transformers re-ordered the state through Cache.reorder_cache, and beams did swap rows
+    assert reorders and any(index != sorted(index) or len(set(index)) < 4 for index in reorders)
 
 
 def test_generate_sampling_draws_the_same_tokens_from_one_seed():
