@@ -140,10 +140,7 @@ class InfiniCache(Cache):
 
     def tensors(self) -> list[Tensor]:
         """Every tensor of the state (keys, values and memory of every layer)."""
-        found: list[Tensor] = []
-        if self.state is not None:
-            map_state(self.state, lambda t: found.append(t) or t)
-        return found
+        return [t for layer in self.state or () for t in (layer.keys, layer.values, *(layer.memory or ()))]
 
     def nbytes(self) -> int:
         """Bytes held by the state."""
