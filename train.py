@@ -34,6 +34,7 @@ from models.transformer import ModelState, Transformer, detach_state
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, TrainerConfig, register_configs
 from training.data import build_data
+from training.lora import apply_lora, lora_summary
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallel import Runtime, all_gather_objects, all_reduce_sum, init_runtime, no_sync, parallelize
@@ -242,6 +243,10 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     model = Transformer(cfg.model)
     if cfg.trainer.init_from is not None:
         load_initial_weights(model, cfg.trainer.init_from)
+    if cfg.lora.enabled:  # adapters on the loaded weights; only they and lora.train_fully train
+        apply_lora(model, cfg.lora)
+        if runtime.is_main:
+            print(lora_summary(model), flush=True)
     model = model.to(runtime.device)
     module = parallelize(model, cfg.trainer, runtime)
     optimizer = build_optimizer(model, cfg.optim)

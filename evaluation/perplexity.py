@@ -55,6 +55,36 @@ class DocumentScore:
 
 
 @torch.inference_mode()
+def stream_scores(
+    model: Transformer, inputs: Tensor, targets: Tensor, chunk_size: int = 4096, first: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Stream inputs (B, T) through `model` from an empty state, chunk_size tokens per call, and score the targets
+    (B, T) at positions >= first: returns their NLL (B, T - first) float64 on the CPU and whether each target was
+    the argmax (B, T - first). Positions before `first` are context only: their logits are never computed. Memory
+    is that of one chunk whatever T (with `infini` attention)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    device = model.tok_embeddings.weight.device
+    B, T = inputs.shape
+    nll = torch.zeros(B, T - first, dtype=torch.float64)
+    greedy = torch.zeros(B, T - first, dtype=torch.bool)
+    state = None
+    for start in range(0, T, chunk_size):
+        stop = min(start + chunk_size, T)
+        h, state = model.hidden(inputs[:, start:stop].to(device), state)  # (B, C, dim)
+        lo = max(start, first)
+        if lo >= stop:
+            continue
+        logits = model.logits(h[:, lo - start :])  # (B, stop - lo, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        chunk_targets = targets[:, lo:stop].to(device)
+        nll[:, lo - first : stop - first] = F.cross_entropy(
+            logits.transpose(1, 2), chunk_targets, reduction="none").double().cpu()  # (B, stop - lo)
+        greedy[:, lo - first : stop - first] = (logits.argmax(-1) == chunk_targets).cpu()
+    return nll, greedy
+
+
+@torch.inference_mode()
 def score_document(
     model: Transformer,
     tokens: Sequence[int] | Tensor,
@@ -68,24 +98,14 @@ def score_document(
     first token is scored), or None to use the first token as context only; segment_len: bucket size of the
     per-segment losses (default: the model's segment length).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     segment_len = segment_len or model.config.segment_len
-    device = model.tok_embeddings.weight.device
     ids = torch.as_tensor(tokens, dtype=torch.long).flatten()
     if prefix_token is not None:
         ids = torch.cat([torch.tensor([prefix_token], dtype=torch.long), ids])
     inputs, targets = ids[:-1], ids[1:]  # position t predicts token t + 1
     n = inputs.numel()
-    token_nll = torch.zeros(n, dtype=torch.float64)
-    state = None
-    for start in range(0, n, chunk_size):
-        chunk = inputs[start : start + chunk_size].to(device).unsqueeze(0)  # (1, C)
-        logits, state = model(chunk, state)  # (1, C, V)
-        logits = logits[0].to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-        nll = F.cross_entropy(logits, targets[start : start + chunk.shape[1]].to(device),
-                              reduction="none")  # (C,)
-        token_nll[start : start + chunk.shape[1]] = nll.double().cpu()
+    token_nll, _ = stream_scores(model, inputs.unsqueeze(0), targets.unsqueeze(0), chunk_size)
+    token_nll = token_nll[0]  # (n,)
     segment_index = torch.arange(n) // segment_len  # segment of the predicting position
     n_segments = int(segment_index[-1]) + 1 if n else 0
     segment_nll = torch.zeros(n_segments, dtype=torch.float64).index_add_(0, segment_index, token_nll)

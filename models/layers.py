@@ -132,6 +132,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weights = (self.w1.weight, self.w3.weight, self.w2.weight)
+        if not all(type(linear) is nn.Linear for linear in (self.w1, self.w3, self.w2)):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))  # wrapped projections (LoRA adapters): call them
         if _fast_path(x, *weights):
             return _SwiGLUFunction.apply(x, *weights)
         return swiglu_reference(x, *weights)

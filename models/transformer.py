@@ -71,21 +71,26 @@ class Transformer(nn.Module):
         """Normal(0, init_std) weights; residual output projections (wo, w2) scaled by 1/sqrt(2 n_layers)
         (GPT-2); norms at 1; gate logits at gate_init; memory-rule parameters as the rule says. Callable again
         after meta-device construction."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, nn.Linear):
-                is_residual = name.endswith(("attention.wo", "feed_forward.w2"))
-                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, InfiniAttention):
-                nn.init.constant_(module.gate_logit, module.gate_init)
-                module.rule.reset_parameters()
+            self.init_module(name, module)
         if self.config.tie_embeddings:  # the loop above re-initialised the shared matrix as a Linear
-            nn.init.normal_(self.tok_embeddings.weight, std=std)
+            nn.init.normal_(self.tok_embeddings.weight, std=self.config.init_std)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise what init_weights initialises in `module` (named `name` in this model): the transformers
+        wrapper (models/hf_model.py) initialises a loaded checkpoint's missing tensors with it."""
+        std = self.config.init_std
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Linear):
+            is_residual = name.endswith(("attention.wo", "feed_forward.w2"))
+            nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.config.n_layers) if is_residual else std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, InfiniAttention):
+            nn.init.constant_(module.gate_logit, module.gate_init)
+            module.rule.reset_parameters()
 
     def empty_state(self, batch: int, device: torch.device | None = None) -> ModelState:
         dtype = self.tok_embeddings.weight.dtype

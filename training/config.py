@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from data.passkey import check_offset_settings
 from models.config import ModelConfig
+from training.lora import LoraConfig
 
 
 @dataclass
@@ -58,6 +59,10 @@ class DataConfig:
     val_split: str | None = "validation"
     """Split for validation loss; None: validate on held-out batches of the training stream's generator."""
     text_field: str = "text"
+    streaming: bool = False
+    """text: read data.source as a stream (datasets' streaming=True: a hub corpus such as deepmind/pg19 is never
+    downloaded in full), documents in the stream's order (no shuffle), exact resume of the stream position
+    (data/streaming.py)."""
     booksum_level: str = "book"
     """booksum: 'book' (abertsch/booksum-fullbooks schema) or 'chapter' (kmfoda/booksum schema)."""
     max_input_tokens: int = 32768
@@ -229,6 +234,8 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA continual pre-training (training/lora.py); off by default."""
     name: str = "run"
     """A label for the run (W&B name, log lines)."""
 

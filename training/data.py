@@ -63,7 +63,14 @@ def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int
         if cfg.source is None:
             raise ValueError(f"data.kind={cfg.kind!r} needs data.source (a hub dataset name or local files)")
         split = cfg.val_split if validation and cfg.val_split is not None else cfg.split
-        if cfg.kind == "text":
+        if cfg.streaming and cfg.kind != "text":
+            raise ValueError(f"data.streaming=true reads data.kind=text only, not {cfg.kind!r}")
+        if cfg.kind == "text" and cfg.streaming:
+            from data.streaming import StreamedDocumentWindows, load_document_stream
+
+            stream = StreamedDocumentWindows(load_document_stream(cfg.source, split), tokenizer, cfg.seq_len,
+                                             cfg.batch_size, rank, world_size, text_field=cfg.text_field)
+        elif cfg.kind == "text":
             from data.text import DocumentWindows, load_documents
 
             documents = load_documents(cfg.source, split, cfg.text_field)
