@@ -509,9 +509,9 @@ def convert_checkpoint(
     resumes from and generation loads. tokenizer: "byte" or a path; default the Hugging Face directory itself.
     The original config.json is kept under "hf_config" so that `export_checkpoint` restores its token ids.
     overwrite: as in to_hf (the output may then even be the Hugging Face directory itself)."""
-    hf_directory = Path(hf_directory).resolve()
     check_destination(output_directory, hf_directory, overwrite)
     model = from_hf(hf_directory, overrides, preserve_original=preserve_original, dtype=dtype)  # config errors first
+    hf_directory = Path(hf_directory).resolve()
     if tokenizer is None:
         if not has_tokenizer(hf_directory):
             raise ConversionError(f"{hf_directory} has no tokenizer files; pass tokenizer='byte' or a tokenizer path")
