@@ -139,6 +139,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_cli_run_into_a_locked_directory_exits_with_the_holder_named(tmp_path):
     holder = RunLock(tmp_path / "run")
     holder.acquire()
