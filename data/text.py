@@ -254,9 +254,9 @@ class DocumentWindows:
         self.num_rows = world_size * batch_size  # R: document streams across all ranks
         if len(documents) < self.num_rows:
             raise ValueError(
-                f"DocumentWindows needs at least world_size * batch_size = {world_size} * {batch_size} = "
-                f"{self.num_rows} documents (one document stream per batch row of every process; lower "
-                f"data.batch_size or add documents), got {len(documents)}"
+                f"DocumentWindows needs at least world_size * batch_size = {self.num_rows} documents (world size "
+                f"{world_size}, data.batch_size {batch_size}: one document stream per batch row of every process; "
+                f"lower data.batch_size or add documents), got {len(documents)}"
             )
         self._cursors = [[0, 0, 0] for _ in range(batch_size)]  # per row: [epoch, document position, window]
         self._cached: list[tuple[tuple[int, int], list[int]] | None] = [None] * batch_size

@@ -157,6 +157,7 @@ def test_the_default_run_directory_ends_in_the_time_and_the_process_id():
         cfg = compose("train", return_hydra_config=True)
     assert re.fullmatch(rf"outputs/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d-{os.getpid()}", cfg.hydra.run.dir)
     assert re.fullmatch(rf"multirun/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d-{os.getpid()}", cfg.hydra.sweep.dir)
+    assert re.fullmatch(rf"\.hydra/\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d-{os.getpid()}", cfg.hydra.output_subdir)
 
 
 @pytest.mark.slow
