@@ -139,6 +139,23 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_without_flock_the_pid_in_the_lock_file_still_protects_the_directory(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    first = RunLock(tmp_path)
+    with pytest.warns(RuntimeWarning, match="does not support flock"):
+        first.acquire()
+    with pytest.warns(RuntimeWarning), pytest.raises(RunDirectoryLockedError, match=f"in use by pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()  # this process is alive
+    first.release()
+    assert names(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_cli_run_into_a_locked_directory_exits_with_the_holder_named(tmp_path):
     holder = RunLock(tmp_path / "run")

@@ -16,6 +16,7 @@ start time and the process id (resolver `${pid:}`), so two runs started in the s
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -32,6 +33,7 @@ from omegaconf import OmegaConf
 from training.parallel import Runtime, all_reduce_sum
 
 LOCK_FILE = "train.lock"
+UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # e.g. some NFS / Lustre mounts
 
 
 class RunDirectoryLockedError(RuntimeError):
@@ -86,11 +88,19 @@ class RunLock:
 
     def acquire(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        flock = True
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as error:
+                if not isinstance(error, BlockingIOError) and error.errno in UNSUPPORTED:
+                    warnings.warn(f"{self.path}: this filesystem does not support flock ({error}); the run "
+                                  "directory is protected only by the pid in it", RuntimeWarning, stacklevel=2)
+                    flock = False
+                    break
+                if not isinstance(error, BlockingIOError):
+                    raise
                 holder = _read_holder(fd)
                 for _ in range(20):  # the holder writes its details right after locking
                     if holder:
@@ -111,6 +121,12 @@ class RunLock:
                 break
             os.close(fd)
         previous = _read_holder(fd)
+        if previous and not flock and _alive(previous) is not False:  # no flock: only a dead pid is known stale
+            os.close(fd)
+            raise RunDirectoryLockedError(
+                f"run directory {self.run_dir} is in use by {describe(previous)} (or was, if that process ended "
+                f"on another host: then delete {self.path})"
+            )
         if previous:
             state = {False: "is no longer running", None: "is gone (it no longer holds the lock)"}.get(
                 _alive(previous), "no longer holds the lock")
