@@ -428,7 +428,7 @@ def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[St
         summary["step"] = step
         stop.immediate = True  # the last checkpoint is written: a signal now ends the final evaluation at once
         try:
-            if stop.signal is not None and not summary.get("stopped_by_signal"):
+            if stop.signal is not None:  # arrived earlier: no final evaluation
                 raise InterruptedBySignalError(stop.signal)
             if cfg.evaluation.final_passkey_lengths and step == cfg.trainer.max_steps:
                 summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step,
@@ -438,9 +438,9 @@ def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[St
                 summary["probe"] = final_probe(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
         except InterruptedBySignalError as request:
             summary["stopped_by_signal"] = True
-            if runtime.is_main:
-                print(f"signal {request.args[0]} during the final evaluation: stopped it; the checkpoint of step "
-                      f"{step} is complete, rerun with trainer.resume=auto to evaluate it", flush=True)
+            if runtime.is_main and step == cfg.trainer.max_steps:
+                print(f"signal {request.args[0]} before or during the final evaluation: stopped; the checkpoint of "
+                      f"step {step} is complete, rerun with trainer.resume=auto to evaluate it", flush=True)
     finally:
         stop.restore()
         if progress is not None:
