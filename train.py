@@ -29,21 +29,22 @@ from torch import Tensor, nn
 from attention.infini import AttentionState
 from attention.memory import Memory
 from data.tokenizer import Tokenizer, load_tokenizer
-from models.checkpoint import CheckpointError
 from models.transformer import ModelState, Transformer, detach_state
-from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpointing import Checkpointer, CheckpointError, NonFiniteError
 from training.config import TrainConfig, TrainerConfig, register_configs
 from training.data import build_data
 from training.lora import apply_lora, lora_summary
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.parallel import Runtime, all_gather_objects, all_reduce_sum, init_runtime, no_sync, parallelize
+from training.run_dir import lock_run_directory, register_resolvers
 from training.stages import Curriculum, Stage, longest_training_length, resolve_stages
 
 register_configs()
+register_resolvers()
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """The loss or the gradient norm became NaN/inf; the run stops before the optimizer step."""
 
 
@@ -142,11 +143,18 @@ def state_metrics(model: Transformer, state: ModelState | None) -> dict[str, flo
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
+class InterruptedBySignalError(Exception):
+    """A SIGTERM / SIGUSR1 arrived while StopRequest.immediate was set (the final evaluation)."""
+
+
 class StopRequest:
-    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, checkpoint, exit cleanly."""
+    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, checkpoint, exit cleanly. With `immediate`
+    set (after the last checkpoint, during the final evaluation) the handler raises InterruptedBySignalError at
+    once: there is nothing left to save, and an evaluation can outlast a preemption's grace period."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.immediate = False
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
@@ -156,6 +164,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+        if self.immediate:
+            raise InterruptedBySignalError(signum)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -218,25 +228,26 @@ def load_initial_weights(model: Transformer, path: str) -> None:
     model.load_state_dict(converted.state_dict())
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"trainer.resume={resume!r}: no such checkpoint directory")
-    return path
-
-
 def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
-    """Train (and evaluate) as `config` says. Returns a summary: final step, losses, checkpoint, passkey results."""
+    """Train (and evaluate) as `config` says. Returns a summary: final step, losses, checkpoint, passkey results.
+    The run directory is locked for the whole run (training/run_dir.py): a second run into it stops at once."""
     cfg, plain_config = to_train_config(config)
     stages = resolve_stages(cfg)  # every stage's overrides checked now, before anything runs
     runtime = init_runtime(cfg.trainer)
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     validate(cfg, tokenizer, stages)
+    lock = lock_run_directory(cfg.trainer.run_dir, runtime)  # before anything is written there
+    try:
+        return train_locked(cfg, plain_config, stages, runtime, tokenizer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[Stage], runtime: Runtime,
+                 tokenizer: Tokenizer) -> dict[str, Any]:
+    """The body of train(), run while this process holds the run directory's lock."""
     run_dir = Path(cfg.trainer.run_dir)
     training_length = longest_training_length(plain_config)  # evaluations report multiples of it
 
@@ -268,8 +279,10 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
 
     step = 0
     carried: ModelState | None = None
-    resume_from = resolve_resume(cfg.trainer.resume, run_dir)
-    trainer_state = load_checkpoint(resume_from, module, model, optimizer, scheduler) if resume_from else None
+    checkpointer = Checkpointer(run_dir, module, model, optimizer, scheduler, runtime, keep_last=cfg.trainer.keep_last,
+                                tokenizer=cfg.data.tokenizer, train_config=plain_config)  # removes leftovers
+    resume_from = checkpointer.resolve(cfg.trainer.resume)
+    trainer_state = checkpointer.load(resume_from) if resume_from else None
     if trainer_state is not None:
         step = trainer_state["step"]
         recorded_starts = trainer_state.get("stage_starts")
@@ -288,6 +301,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                 f"trainer.stages put step {step} in {stage.label if stage else 'no stage (trainer.stages empty)'}: "
                 "the stages changed since the checkpoint; restore them or start a new run directory"
             )
+        checkpointer.check_config(trainer_state, list(cfg.trainer.resume_changes))  # refuses or lists the changes
         data_states = trainer_state["data"]
         if len(data_states) != runtime.world_size:
             raise CheckpointError(f"{resume_from} was written by {len(data_states)} processes, this run has "
@@ -296,6 +310,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
         if trainer_state["carry"]:
             carried = unflatten_state(trainer_state["carry"], f"rank{runtime.rank}/", cfg.model.n_layers,
                                       runtime.device)
+    checkpointer.begin(resume_from)  # later checkpoints of this directory to a branch; metrics.jsonl cut back
 
     logger = MetricsLogger(cfg.logger, run_dir, plain_config, runtime.is_main, cfg.name)
     stop = StopRequest()
@@ -309,11 +324,11 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
             carry = {}
             for rank, tensors in enumerate(all_gather_objects(flatten_state(carried, ""), runtime)):
                 carry.update({f"rank{rank}/{k}": v for k, v in tensors.items()})
-        return save_checkpoint(
-            run_dir, at_step, module, model, optimizer, scheduler, all_gather_objects(data.state_dict(), runtime),
-            {"name": cfg.name, **({"stage": stage.index, "stage_name": stage.name, "stage_starts": curriculum.starts}
-                                  if stage else {})},
-            cfg.data.tokenizer, plain_config, cfg.trainer.keep_last, runtime.is_main, carry,
+        return checkpointer.save(
+            at_step, all_gather_objects(data.state_dict(), runtime),
+            {"name": cfg.name, "loss": summary["losses"].get(at_step),
+             **({"stage": stage.index, "stage_name": stage.name, "stage_starts": curriculum.starts} if stage else {})},
+            carry,
         )
 
     progress = None
@@ -363,13 +378,8 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                kept = latest_checkpoint(run_dir)
-                raise NonFiniteLossError(
-                    f"step {step}: loss={loss}, grad_norm={grad_norm}; stopping before the optimizer step. "
-                    f"The last good checkpoint is {kept} and was not touched." if kept else
-                    f"step {step}: loss={loss}, grad_norm={grad_norm}; stopping before the optimizer step "
-                    "(no checkpoint was written yet)."
-                )
+                raise NonFiniteLossError(f"step {step}: loss={loss}, grad_norm={grad_norm}; stopping before the "
+                                         f"optimizer step. {checkpointer.newest()}")
             optimizer.step()
             lr = scheduler.get_last_lr()[0]  # this step's lr (get_last_lr after scheduler.step: the next step's)
             scheduler.step()
@@ -421,10 +431,21 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                 summary["stopped_by_signal"] = True
                 break
         summary["step"] = step
-        if cfg.evaluation.final_passkey_lengths and step == cfg.trainer.max_steps:
-            summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
-        if cfg.evaluation.final_probe_lengths and cfg.model.attention == "infini" and step == cfg.trainer.max_steps:
-            summary["probe"] = final_probe(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
+        stop.immediate = True  # the last checkpoint is written: a signal now ends the final evaluation at once
+        try:
+            if stop.signal is not None:  # arrived earlier: no final evaluation
+                raise InterruptedBySignalError(stop.signal)
+            if cfg.evaluation.final_passkey_lengths and step == cfg.trainer.max_steps:
+                summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step,
+                                                   training_length)
+            if cfg.evaluation.final_probe_lengths and cfg.model.attention == "infini" and \
+                    step == cfg.trainer.max_steps:
+                summary["probe"] = final_probe(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
+        except InterruptedBySignalError as request:
+            summary["stopped_by_signal"] = True
+            if runtime.is_main and step == cfg.trainer.max_steps:
+                print(f"signal {request.args[0]} before or during the final evaluation: stopped; the checkpoint of "
+                      f"step {step} is complete, rerun with trainer.resume=auto to evaluate it", flush=True)
     finally:
         stop.restore()
         if progress is not None:

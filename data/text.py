@@ -129,12 +129,28 @@ def load_records(
         builders = sorted({BUILDERS[Path(file).suffix.lower()] for file in files})
         if len(builders) > 1:
             raise ValueError(f"{source!r} mixes file types (builders {builders}); load one type at a time")
+        empty = [file for file in files if _is_blank(Path(file))]
+        if len(empty) == len(files):
+            raise ValueError(f"data source {source!r}: {'every file is' if len(files) > 1 else 'the file is'} empty "
+                             f"or only whitespace: {empty[:5]}")
         options = {"sample_by": txt_sample_by} if builders[0] == "text" else {}
-        dataset = datasets.load_dataset(
-            builders[0], data_files={split_name: files}, split=split, cache_dir=cache_dir, **options, **load_kwargs
-        )
+        try:
+            dataset = datasets.load_dataset(
+                builders[0], data_files={split_name: files}, split=split, cache_dir=cache_dir, **options, **load_kwargs
+            )
+        except datasets.exceptions.DatasetGenerationError as error:
+            raise _unreadable_file(source, files, error) from error
+        if len(dataset) == 0:
+            raise ValueError(f"data source {source!r} (split {split!r}) holds no rows; its files: {files[:5]}")
     else:
-        dataset = datasets.load_dataset(source, split=split, cache_dir=cache_dir, **load_kwargs)
+        try:
+            dataset = datasets.load_dataset(source, split=split, cache_dir=cache_dir, **load_kwargs)
+        except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
+            raise FileNotFoundError(
+                f"data source {source!r} is not a local path ({str(Path(source).expanduser().absolute())!r} does not "
+                f"exist), so it was looked up as a Hugging Face Hub dataset name, which failed: {error}. For local "
+                "files, check the path (relative paths are taken from the directory train.py runs in)."
+            ) from error
     missing = [field for field in fields if field not in dataset.column_names]
     if missing:
         names = ", ".join(repr(field) for field in missing)
@@ -143,6 +159,28 @@ def load_records(
             f"its columns are {dataset.column_names}"
         )
     return dataset
+
+
+def _is_blank(path: Path, limit: int = 1 << 16) -> bool:
+    """Whether a (small) file holds nothing but whitespace; files over `limit` bytes are not read."""
+    size = path.stat().st_size
+    return size == 0 or (size <= limit and not path.read_bytes().strip())
+
+
+def _unreadable_file(source: str, files: list[str], error: Exception) -> Exception:
+    """The error `datasets` raised while reading local files, rewritten to name the file when it is not UTF-8."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, UnicodeDecodeError) or "codec can't decode" in str(cause):
+        for file in files:
+            if Path(file).suffix.lower() == ".parquet":
+                continue
+            data = Path(file).read_bytes()
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return ValueError(f"data file {file!r} is not UTF-8 text: byte 0x{data[bad.start]:02x} at offset "
+                                  f"{bad.start} ({bad.reason}); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return ValueError(f"data source {source!r}: reading {files[:5]} failed: {cause or error}")
 
 
 def load_documents(
@@ -216,8 +254,9 @@ class DocumentWindows:
         self.num_rows = world_size * batch_size  # R: document streams across all ranks
         if len(documents) < self.num_rows:
             raise ValueError(
-                f"DocumentWindows needs at least world_size * batch_size = {self.num_rows} documents "
-                f"(one stream per row per rank), got {len(documents)}"
+                f"DocumentWindows needs at least world_size * batch_size = {self.num_rows} documents (world size "
+                f"{world_size}, data.batch_size {batch_size}: one document stream per batch row of every process; "
+                f"lower data.batch_size or add documents), got {len(documents)}"
             )
         self._cursors = [[0, 0, 0] for _ in range(batch_size)]  # per row: [epoch, document position, window]
         self._cached: list[tuple[tuple[int, int], list[int]] | None] = [None] * batch_size
@@ -265,8 +304,8 @@ class DocumentWindows:
                 epochs_without_window += 1
                 if epochs_without_window > 1:
                     raise ValueError(
-                        f"row {row} of rank {self.rank} found no document with at least 2 tokens "
-                        f"in a whole epoch"
+                        f"row {row} of rank {self.rank} found no document with at least 2 tokens in a whole "
+                        "epoch: are the documents (nearly) empty?"
                     )
                 cursor[:] = [epoch + 1, 0, 0]
                 continue

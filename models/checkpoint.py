@@ -4,12 +4,22 @@ A model directory holds
     model.safetensors   the weights (a tied output matrix is stored once, as the embedding)
     config.json         {"model": ModelConfig fields, "tokenizer": "byte" or a local tokenizer path, ...}
 Loading never unpickles: safetensors holds raw tensors and config.json plain JSON. The training checkpoint adds its
-optimizer and trainer state beside these files (see train.py).
+optimizer and trainer state beside these files (training/checkpointing.py).
+
+Directories that must never be seen half written (training checkpoints, conversions, exports) are written through
+`atomic_directory`: into a hidden `.tmp-<name>-<id>` beside the final name, every file fsynced, then renamed into
+place and the parent directory fsynced, so after a crash the name holds either the old or the new directory.
+`remove_leftovers` cleans what an interrupted write leaves behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -23,10 +33,87 @@ from models.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Make the entries of `directory` (a rename into it, a removal) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """fsync every file under `directory`, then the directories themselves (deepest first)."""
+    for root, _dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_directory(root)
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden directory beside `final` to write into. When the block ends without error, its files
+    are fsynced and it is renamed to `final`, and the parent is fsynced. An existing `final` is first renamed to
+    `.old-<name>-<id>` and removed only after the new directory holds the name, so a crash at any moment leaves a
+    complete directory under the name or in `.old-*` (remove_leftovers restores it). On error the temporary
+    directory is removed and `final` is untouched."""
+    final = Path(final)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    old = None
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if final.exists():
+            old = parent / f"{OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+        tmp.rename(final)
+        fsync_directory(parent)
+    except BaseException:
+        if old is not None and not final.exists():
+            old.rename(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+        fsync_directory(parent)
+
+
+def remove_leftovers(parent: str | Path) -> list[str]:
+    """Clean up after writes through atomic_directory that a crash interrupted: `.tmp-*` directories are removed
+    (never renamed into place: not known complete); an `.old-<name>-*` whose `<name>` is missing is renamed back
+    (the crash fell between the two renames of a swap), any other `.old-*` removed. Returns a line per action.
+    Call it only while no other process writes into `parent` (e.g. under the run directory's lock)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    actions = []
+    for path in sorted(parent.iterdir()):
+        if path.name.startswith(TMP_PREFIX):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            actions.append(f"removed {path.name} (an interrupted write)")
+        elif path.name.startswith(OLD_PREFIX):
+            name = path.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+            if not (parent / name).exists():
+                path.rename(parent / name)
+                actions.append(f"restored {name} from {path.name} (a swap interrupted between its renames)")
+            else:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                actions.append(f"removed {path.name} (replaced by {name})")
+    if actions:
+        fsync_directory(parent)
+    return actions
 
 
 def model_state_dict(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

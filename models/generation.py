@@ -19,6 +19,7 @@ CLI:  python -m models.generation CHECKPOINT_DIR --prompt "Once upon a time" --m
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +234,7 @@ def generate(model: Transformer, prompts: list[list[int]], config: GenerationCon
 def main(argv: list[str] | None = None) -> None:
     """Generate from a model directory written by models.checkpoint.save_model (or models.hf import)."""
     from data.tokenizer import load_tokenizer  # imported here: the library part of this module needs no tokenizer
-    from models.checkpoint import load_model
+    from models.checkpoint import CheckpointError, load_model
 
     parser = argparse.ArgumentParser(prog="python -m models.generation", description=main.__doc__)
     parser.add_argument("checkpoint", help="model directory (model.safetensors + config.json)")
@@ -256,16 +257,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args(argv)
 
-    model, meta = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
-    tokenizer = load_tokenizer(args.tokenizer or meta.get("tokenizer", "byte"))
-    texts = args.prompt if args.prompt is not None else [args.prompt_file.read_text()]
+    # bad arguments end with a usage line naming the flag, the file or the value, not a traceback
+    try:
+        config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
+            chunk_size=args.chunk_size, seed=args.seed,
+        )
+    except ValueError as error:
+        flag = re.search(r"GenerationConfig\.(\w+)=", str(error))
+        parser.error(f"--{flag.group(1).replace('_', '-')}={getattr(args, flag.group(1))} is out of range"
+                     if flag else str(error))
+    if args.prompt_file is not None:
+        try:
+            texts = [args.prompt_file.read_text()]
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"--prompt-file {str(args.prompt_file)!r} cannot be read: {error}")
+    else:
+        texts = args.prompt
+    try:
+        model, meta = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+        tokenizer = load_tokenizer(args.tokenizer or meta.get("tokenizer", "byte"))
+    except (CheckpointError, OSError, ValueError) as error:
+        parser.error(str(error))
+    prompts = [tokenizer.encode(text) for text in texts]
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            where = f"--prompt-file {str(args.prompt_file)!r}" if args.prompt_file else f"--prompt number {i + 1}"
+            parser.error(f"{where} is empty: generation needs at least one token to continue")
     stop = args.stop if args.stop is not None else ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, stop_tokens=tuple(stop),
-        chunk_size=args.chunk_size, seed=args.seed,
-    )
-    outputs = generate(model, [tokenizer.encode(text) for text in texts], config)
+    config.stop_tokens = tuple(stop)
+    try:
+        outputs = generate(model, prompts, config)
+    except ValueError as error:  # e.g. token ids outside the model's vocabulary (--tokenizer of another model)
+        parser.error(str(error))
     for text, output in zip(texts, outputs):
         if len(texts) > 1:
             print(f"--- {text[:60]!r}")

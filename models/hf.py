@@ -23,6 +23,11 @@ Export writes a directory `transformers.LlamaForCausalLM.from_pretrained` loads 
 infini_attention.json (the full ModelConfig: attention kind, segment length, memory rule, RoPE knobs) and
 infini_attention.safetensors (every Infini-attention parameter Llama lacks: gate logits, memory-rule
 parameters). Importing such a directory restores our model exactly.
+
+Both directions write their output directory atomically (models.checkpoint.atomic_directory) and refuse a
+destination that is not empty or that is their own source, unless told to overwrite (`overwrite=True`,
+`--overwrite`); overwriting replaces the directory as a whole, so no stale shard or side file of an earlier export
+survives to be loaded with the new weights. A destination that contains the source is always refused.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.checkpoint import load_model, save_model
+from models.checkpoint import CheckpointError, atomic_directory, load_model, save_model
 from models.config import ModelConfig
 from models.transformer import Transformer
 
@@ -328,6 +333,10 @@ def from_hf(
     Returns the model in eval mode, weights in `dtype` (float32 by default: the master copy for training).
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ConversionError(f"{str(directory)!r} is not a local directory ({directory.absolute()} does not exist); "
+                              "Hub names are never downloaded here: fetch the model first, e.g. `huggingface-cli "
+                              "download NAME --local-dir DIR`, and pass DIR")
     if not (directory / HF_CONFIG).is_file():
         raise ConversionError(f"{directory} has no {HF_CONFIG}; is it a Hugging Face model directory?")
     hf = _read_json(directory / HF_CONFIG)
@@ -421,6 +430,23 @@ def _side_extras(directory: Path, expected: dict[str, torch.Tensor]) -> dict[str
     return loaded
 
 
+def check_destination(destination: str | Path, source: str | Path | None, overwrite: bool) -> None:
+    """Refuse (FileExistsError) to write `destination` when it is `source` or a non-empty directory, unless
+    `overwrite`; a destination that contains `source` is refused always (replacing it would delete the source)."""
+    destination = Path(destination).resolve()
+    if source is not None:
+        source = Path(source).resolve()
+        if destination in source.parents:
+            raise FileExistsError(f"{destination} contains the source {source}: writing there would delete it; "
+                                  "choose another destination")
+        if destination == source and not overwrite:
+            raise FileExistsError(f"{destination} is the source itself: writing there would replace it; choose "
+                                  "another destination (or pass overwrite=True / --overwrite to replace it)")
+    if destination.exists() and not overwrite and (not destination.is_dir() or any(destination.iterdir())):
+        raise FileExistsError(f"{destination} exists and is not empty; choose another destination, or pass "
+                              "overwrite=True / --overwrite to replace it as a whole (no file of it is kept)")
+
+
 def to_hf(
     model: Transformer,
     directory: str | Path,
@@ -428,14 +454,21 @@ def to_hf(
     base_config: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write `model` as a Hugging Face LlamaForCausalLM directory plus our side files (see the module docstring).
 
     base_config: the original Hugging Face config.json (kept: token ids, max_position_embeddings, ...).
     dtype: of the written weights (default: the model's). tokenizer_dir: tokenizer files copied from there.
+    overwrite: replace a non-empty `directory` as a whole (default: refuse, FileExistsError).
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_destination(directory, None, overwrite)
+    with atomic_directory(directory) as tmp:
+        _write_hf(model, tmp, base_config, dtype, tokenizer_dir)
+
+
+def _write_hf(model: Transformer, directory: Path, base_config: Mapping[str, Any] | None, dtype: torch.dtype | None,
+              tokenizer_dir: str | Path | None) -> None:
     config = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     dtype = dtype or params["tok_embeddings.weight"].dtype
@@ -450,8 +483,6 @@ def to_hf(
               if is_extra_parameter(name)}
     if extras:
         save_file(extras, str(directory / SIDE_WEIGHTS), metadata={"format": "pt"})
-    elif (directory / SIDE_WEIGHTS).exists():
-        (directory / SIDE_WEIGHTS).unlink()
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
@@ -472,27 +503,35 @@ def convert_checkpoint(
     preserve_original: bool = False,
     tokenizer: str | None = None,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> Transformer:
     """Convert a Hugging Face Llama directory into our model directory (models/checkpoint.py), which training
     resumes from and generation loads. tokenizer: "byte" or a path; default the Hugging Face directory itself.
-    The original config.json is kept under "hf_config" so that `export_checkpoint` restores its token ids."""
+    The original config.json is kept under "hf_config" so that `export_checkpoint` restores its token ids.
+    overwrite: as in to_hf (the output may then even be the Hugging Face directory itself)."""
+    check_destination(output_directory, hf_directory, overwrite)
+    model = from_hf(hf_directory, overrides, preserve_original=preserve_original, dtype=dtype)  # config errors first
     hf_directory = Path(hf_directory).resolve()
     if tokenizer is None:
         if not has_tokenizer(hf_directory):
             raise ConversionError(f"{hf_directory} has no tokenizer files; pass tokenizer='byte' or a tokenizer path")
         tokenizer = str(hf_directory)
-    model = from_hf(hf_directory, overrides, preserve_original=preserve_original, dtype=dtype)
     hf_config = _read_json(hf_directory / HF_CONFIG)
-    save_model(output_directory, model, tokenizer=tokenizer, hf_config=hf_config, converted_from=str(hf_directory))
+    with atomic_directory(output_directory) as tmp:
+        save_model(tmp, model, tokenizer=tokenizer, hf_config=hf_config, converted_from=str(hf_directory))
     return model
 
 
-def export_checkpoint(model_directory: str | Path, hf_directory: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Export our model directory to a Hugging Face Llama directory, with its tokenizer files when it has some."""
+def export_checkpoint(model_directory: str | Path, hf_directory: str | Path, dtype: torch.dtype | None = None,
+                      overwrite: bool = False) -> None:
+    """Export our model directory to a Hugging Face Llama directory, with its tokenizer files when it has some.
+    overwrite: as in to_hf (the destination may then even be `model_directory` itself)."""
+    check_destination(hf_directory, model_directory, overwrite)
     model, meta = load_model(model_directory)
     tokenizer = meta.get("tokenizer")
     tokenizer_dir = tokenizer if tokenizer and tokenizer != "byte" and Path(tokenizer).is_dir() else None
-    to_hf(model, hf_directory, base_config=meta.get("hf_config"), dtype=dtype, tokenizer_dir=tokenizer_dir)
+    to_hf(model, hf_directory, base_config=meta.get("hf_config"), dtype=dtype, tokenizer_dir=tokenizer_dir,
+          overwrite=overwrite)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -531,7 +570,17 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("model_directory")
     exp.add_argument("hf_directory")
     exp.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    for command in (imp, exp):
+        command.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (even "
+                             "the input itself) as a whole; default: refuse")
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except (ConversionError, CheckpointError, FileExistsError, FileNotFoundError) as error:
+        parser.error(str(error))  # usage and the message naming the file or field, exit status 2
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "import":
         overrides = dict(args.set)
         for field, value in (("attention", args.attention), ("memory_update", args.memory_update),
@@ -540,11 +589,12 @@ def main(argv: list[str] | None = None) -> None:
                 overrides[field] = value
         model = convert_checkpoint(args.hf_directory, args.output_directory, overrides,
                                    preserve_original=args.preserve_original, tokenizer=args.tokenizer,
-                                   dtype=DTYPES[args.dtype])
+                                   dtype=DTYPES[args.dtype], overwrite=args.overwrite)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"wrote {args.output_directory}: {n_params:,} parameters, {model.config}")
     else:
-        export_checkpoint(args.model_directory, args.hf_directory, DTYPES[args.dtype] if args.dtype else None)
+        export_checkpoint(args.model_directory, args.hf_directory, DTYPES[args.dtype] if args.dtype else None,
+                          overwrite=args.overwrite)
         print(f"wrote {args.hf_directory}")
 
 

@@ -165,7 +165,14 @@ class TrainerConfig:
     config.json) or a Hugging Face Llama directory (converted; new gates at model.gate_init). Ignored when
     resuming."""
     resume: str = "auto"
-    """auto (latest checkpoint in the run directory, else start fresh) | none | path to a checkpoint directory."""
+    """auto (latest checkpoint in the run directory, else start fresh) | none | path to a checkpoint directory.
+    Starting before the run directory's newest checkpoint (an earlier step, or none) moves the later checkpoints
+    aside to <run_dir>/branches/ (training/checkpointing.py)."""
+    resume_changes: list[str] = field(default_factory=list)
+    """Config keys (or prefixes, e.g. [optim.lr, model] or [optim]) that may differ from the resumed checkpoint's
+    config. Without them a resume whose model, data, optim, seed, precision, ... changed is refused with the list of
+    changes; changes of logging, evaluation, checkpoint cadence and trainer.max_steps are always allowed (listed).
+    Accepted optim changes take effect (hyper-parameters and base learning rates; Adam moments kept)."""
     run_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
     """A tqdm progress bar with tokens/s on rank 0."""

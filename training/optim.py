@@ -41,6 +41,10 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    largest = torch.finfo(torch.float32).max  # the optimizers compute updates in float32: a larger lr overflows
+    for name, value in (("optim.lr", cfg.lr), ("optim.lr * optim.gate_lr_multiplier", cfg.lr * cfg.gate_lr_multiplier)):
+        if not (math.isfinite(value) and 0 <= value < largest):
+            raise ValueError(f"{name}={value:g} must be finite, >= 0 and below float32's largest value {largest:.3g}")
     groups = parameter_groups(model, cfg)
     for group in groups:
         group["lr"] = cfg.lr * group["lr_multiplier"]
