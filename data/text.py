@@ -140,7 +140,7 @@ def load_records(
             )
         except datasets.exceptions.DatasetGenerationError as error:
             raise _unreadable_file(source, files, error) from error
-        if len(dataset) == 0:
+        if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:  # (a streamed IterableDataset has no len)
             raise ValueError(f"data source {source!r} (split {split!r}) holds no rows; its files: {files[:5]}")
     else:
         try:
