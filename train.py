@@ -171,7 +171,7 @@ def to_train_config(cfg: DictConfig | TrainConfig) -> tuple[TrainConfig, dict[st
     """Typed config (ModelConfig validated) and its resolved plain-dict form (stored in checkpoints)."""
     if isinstance(cfg, TrainConfig):
         cfg = OmegaConf.structured(cfg)
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     typed = OmegaConf.to_object(cfg)
     return typed, plain
 
@@ -184,7 +184,7 @@ def validate(cfg: TrainConfig, tokenizer: Tokenizer, stages: list[Stage]) -> Non
               if data.kind == "passkey" and data.passkey_haystack_scale != 1.0]
     if scaled and cfg.model.attention != "infini":
         raise ValueError(f"{scaled[0]}.passkey_haystack_scale scales memory writes: model.attention="
-                         f"{cfg.model.attention!r} keeps no memory (use 1.0)")
+                         f"{str(cfg.model.attention)!r} keeps no memory (use 1.0)")
     t = cfg.trainer
     if t.max_steps <= 0 or t.grad_accum <= 0 or t.tbptt_segments < 0:
         raise ValueError("trainer.max_steps and trainer.grad_accum must be positive, trainer.tbptt_segments >= 0")
@@ -439,7 +439,7 @@ def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_b
         was_training = model.training
         model.eval()
         results = evaluate_passkey(model, tokenizer, e.passkey_lengths, e.passkey_depths, e.passkey_trials,
-                                   e.seed, e.chunk_size, digits=cfg.data.passkey_digits,
+                                   e.seed, e.chunk_size, digits=getattr(cfg.data, "passkey_digits", 5),
                                    segment_len=segment_len_of(cfg.model), offset_classes=e.offset_classes,
                                    offsets_per_class=e.offsets_per_class, training_length=training_length)
         model.train(was_training)
@@ -453,7 +453,7 @@ def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_b
         from evaluation.memory_probe import needle_share_summary, probe_memory
 
         probe = probe_memory(model, tokenizer, e.probe_lengths, (0.0, 0.5, 1.0), 1, e.seed,
-                             digits=cfg.data.passkey_digits, knockouts=False, segment_curve=False,
+                             digits=getattr(cfg.data, "passkey_digits", 5), knockouts=False, segment_curve=False,
                              chunk_size=e.chunk_size)
         metrics.update(needle_share_summary(probe))
     return metrics
@@ -469,7 +469,7 @@ def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, ru
     model.eval()
     results = evaluate_passkey(model, tokenizer, e.final_passkey_lengths, e.final_passkey_depths,
                                e.final_passkey_trials, e.seed, e.chunk_size, out_dir=out_dir,
-                               digits=cfg.data.passkey_digits, segment_len=segment_len_of(cfg.model),
+                               digits=getattr(cfg.data, "passkey_digits", 5), segment_len=segment_len_of(cfg.model),
                                offset_classes=e.offset_classes, offsets_per_class=e.offsets_per_class,
                                training_length=training_length)
     summary = results.summary()
@@ -500,8 +500,8 @@ def final_probe(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_
     e = cfg.evaluation
     probe_dir = run_dir / "probe" if runtime.is_main else None
     probe = probe_memory(model, tokenizer, e.final_probe_lengths, (0.0, 0.5, 1.0), 2, e.seed,
-                         digits=cfg.data.passkey_digits, chunk_size=e.chunk_size, training_length=training_length,
-                         out_dir=probe_dir)
+                         digits=getattr(cfg.data, "passkey_digits", 5), chunk_size=e.chunk_size,
+                         training_length=training_length, out_dir=probe_dir)
     metrics = needle_share_summary(probe)
     if runtime.is_main:
         print(f"\nMemory probe (needle share of the read weight, write knock-outs): {probe_dir}/memory_probe.md")

@@ -19,8 +19,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from models.config import DType
+from training.config import WandbMode
+
 TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -163,7 +165,7 @@ class MemoryProbeTaskConfig:
 
 @dataclass
 class WandbSettings:
-    mode: str = "disabled"
+    mode: WandbMode = WandbMode.disabled
     """disabled (default), offline (a local run for `wandb sync`) or online."""
     project: str = "infini-lm"
     entity: str | None = None
@@ -181,7 +183,7 @@ class EvalConfig:
     tokenizer: str | None = None
     """Override the tokenizer recorded in the checkpoint ('byte' or a local tokenizer directory)."""
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: DType = DType.float32
     """Weights and activations dtype: float32, bfloat16, float16 (the Infini memory stays float32)."""
     threads: int = 0
     """torch.set_num_threads; 0 leaves torch's default."""

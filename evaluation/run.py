@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.tokenizer import Tokenizer, load_tokenizer
 from evaluation import memory_footprint, memory_probe, passkey, perplexity, summarization
-from evaluation.config import DTYPES, TASKS
+from evaluation.config import TASKS
 from evaluation.report import WandbLogger, write_json
 from evaluation.rouge import RougeScorer
 from models.checkpoint import CheckpointError, load_model, read_config
+from models.config import DType
 from models.generation import GenerationConfig
 from models.transformer import Transformer
 from training.stages import longest_training_length
@@ -43,9 +44,7 @@ def load_for_eval(cfg: DictConfig) -> tuple[Transformer, Tokenizer, dict[str, An
     """The checkpoint's model (eval mode, on cfg.device in cfg.dtype) and its tokenizer."""
     if cfg.checkpoint is None:
         raise ValueError(f"task {cfg.task.name!r} needs a model: set checkpoint=<model directory>")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype {cfg.dtype!r} is not one of {DTYPES}")
-    model, meta = load_model(cfg.checkpoint, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    model, meta = load_model(cfg.checkpoint, device=cfg.device, dtype=DType(cfg.dtype).torch)
     spec = cfg.tokenizer if cfg.tokenizer is not None else meta.get("tokenizer", "byte")
     tokenizer = load_tokenizer(spec)
     if tokenizer.vocab_size > model.config.vocab_size:

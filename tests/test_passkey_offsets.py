@@ -23,6 +23,7 @@ from data.passkey import (
     offset_class_ranges,
     random_passkey,
 )
+from data.passkey import PasskeyDataConfig as DataConfig
 from data.stream import derived_rng, shift_and_pad
 from data.tokenizer import ByteTokenizer
 from evaluation.passkey import (
@@ -35,7 +36,7 @@ from evaluation.passkey import (
 )
 from evaluation.report import read_jsonl
 from models import ModelConfig, Transformer
-from training.config import DataConfig, EvalConfig
+from training.config import EvalConfig
 from training.data import build_data
 
 TOKENIZER = ByteTokenizer()
@@ -356,7 +357,7 @@ def test_haystack_spans_and_write_scale_augmentation():
     assert "write_scale" not in PasskeyDataset(tokenizer, 512, seed=3)[0]
     with pytest.raises(ValueError, match="haystack_scale must be >= 1"):
         PasskeyDataset(tokenizer, 512, seed=3, haystack_scale=0.5)
-    from training.config import DataConfig
+    from data.passkey import PasskeyDataConfig as DataConfig
     from training.data import build_data
 
     config = DataConfig(seq_len=512, batch_size=2, passkey_haystack_scale=8.0)

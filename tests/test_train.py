@@ -189,7 +189,7 @@ def write_documents(path: Path, n: int = 12) -> Path:
 
 def test_resume_with_document_stream_and_carried_memory(tmp_path):
     docs = write_documents(tmp_path / "docs")
-    extra = ["data.kind=text", f"data.source={docs}", "data.val_split=null", "data.seq_len=128",
+    extra = ["data=pg19", f"data.source={docs}", "data.val_split=null", "data.seq_len=128",
              "model.segment_len=32", "trainer.carry_state=true", "trainer.tbptt_segments=2",
              "trainer.max_steps=8"]
     full = train.train(smoke(tmp_path / "full", *extra))
@@ -250,9 +250,9 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path):
 def test_missing_data_path_gives_a_clear_error(tmp_path):
     missing = tmp_path / "no_such_dir"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        train.train(smoke(tmp_path, "data.kind=text", f"data.source={missing}"))
+        train.train(smoke(tmp_path, "data=pg19", f"data.source={missing}"))
     with pytest.raises(ValueError, match="needs data.source"):
-        train.train(smoke(tmp_path, "data.kind=text"))
+        train.train(smoke(tmp_path, "data=pg19", "data.source=null"))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -7,74 +7,67 @@ at compose time with Hydra's message (e.g. "Key 'lrr' not in 'OptimConfig'"). Ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data.passkey import check_offset_settings
+from data.booksum import BooksumDataConfig
+from data.config import DataConfig, choice
+from data.passkey import PasskeyDataConfig, check_offset_settings
+from data.text import TextDataConfig
 from models.config import ModelConfig
 
+DATA_SCHEMAS: tuple[type[DataConfig], ...] = (PasskeyDataConfig, TextDataConfig, BooksumDataConfig)
+"""The data kinds: each schema is registered as data/<kind>_schema, which conf/data/*.yaml files extend. A new
+kind adds its schema (a DataConfig subclass with its loader, in data/<kind>.py) here."""
 
-@dataclass
-class DataConfig:
-    kind: str = "passkey"
-    """passkey (generated, no download) | text (PG19-style documents) | booksum (summarization fine-tuning)."""
-    tokenizer: str = "byte"
-    """'byte' (UTF-8 bytes, vocab 256) or a local Hugging Face tokenizer directory."""
-    seq_len: int = 512
-    """Tokens per training sequence (the training length; segments of model.segment_len inside it)."""
-    batch_size: int = 8
-    """Sequences per process and micro-step; the global batch is batch_size * world_size * grad_accum."""
-    seed: int = 0
-    # passkey
-    passkey_digits: int = 5
-    passkey_depth_min: float = 0.0
-    passkey_depth_max: float = 1.0
-    loss_on: str = "answer"
-    """passkey: 'answer' (loss on the passkey tokens only) or 'all' (every token)."""
-    seq_len_mix: list[int] = field(default_factory=list)
-    """passkey: each step's sequence length is drawn uniformly from these (a length curriculum by mixture);
-    empty: always seq_len. The validation stream and the evaluation's "training length" use seq_len."""
-    passkey_answer_offset: str = "fixed"
-    """passkey: where the answer starts within its segment of model.segment_len tokens (r = P mod N, P the
-    prompt length). fixed: the prompt fills the sequence, so every answer of a length sits at one offset (the
-    question inside the answer's segment); uniform: r uniform over 0..N-1; balanced: each offset class with
-    probability 1/3 (opens r = 0: the question reachable only through memory, as at evaluation lengths like 2^k;
-    straddles 0 < r < q; inside r >= q; q the question's tokens, 37 bytes), r uniform inside it. uniform and
-    balanced shorten the prompt by up to N-1 tokens (padding after the answer, no loss), so every training length
-    needs N-1 tokens beyond the template's minimum; balanced needs N > q."""
-    passkey_haystack_scale: float = 1.0
-    """passkey, training augmentation (1: off): each example's filler tokens are written into the memory with a
-    multiplicity c drawn log-uniformly from [1, this] (data/passkey.py, PasskeyDataset). Under the linear rule a
-    token written with weight c adds what c copies add, so short prompts present the memory states of prompts with
-    up to this many times their filler. Validation batches and evaluation prompts are never scaled."""
-    answer_weight: float = 1.0
-    """passkey: weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
-    # text and booksum
-    source: str | None = None
-    """Hub dataset name (e.g. deepmind/pg19) or local file / directory / glob (.txt, .jsonl, .parquet)."""
-    split: str = "train"
-    val_split: str | None = "validation"
-    """Split for validation loss; None: validate on held-out batches of the training stream's generator."""
-    text_field: str = "text"
-    booksum_level: str = "book"
-    """booksum: 'book' (abertsch/booksum-fullbooks schema) or 'chapter' (kmfoda/booksum schema)."""
-    max_input_tokens: int = 32768
-    """booksum: the document is truncated to this many tokens before the summary prompt."""
-    overfit_batches: int = 0
-    """Debugging: train on the first this many batches over and over (0: off)."""
+
+class Optimizer(StrEnum):
+    adamw = "adamw"
+    adafactor = "adafactor"
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Parallel(StrEnum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    none = "none"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Optimizer = Optimizer.adamw
     """adamw | adafactor (the paper's optimizer; torch.optim.Adafactor)."""
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr * min_lr_ratio."""
     warmup_steps: int = 100
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     """cosine (linear warmup, then cosine to min_lr_ratio at trainer.max_steps) | constant (after warmup)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -90,6 +83,10 @@ class OptimConfig:
     "layers.*.attention.wk.weight"; `*` also matches dots) moved to the no-decay group: matrices that should not
     be pulled towards zero. A pattern that matches no parameter is an error (a misspelt name would otherwise
     silently decay what it meant to spare)."""
+
+    def __post_init__(self) -> None:
+        self.name = choice(Optimizer, self.name, "optim.name")
+        self.schedule = choice(Schedule, self.schedule, "optim.schedule")
 
 
 SCHEDULE_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "schedule")
@@ -133,11 +130,11 @@ class TrainerConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
-    device: str = "auto"
+    device: Device = Device.auto
     """auto (cuda if available, else cpu) | cpu | cuda."""
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
-    parallel: str = "auto"
+    parallel: Parallel = Parallel.auto
     """Under torchrun: auto (ddp) | ddp | fsdp (FSDP2 fully_shard per block) | none."""
     tbptt_segments: int = 0
     """Back-propagation through time is truncated every this many segments (memory detached, backward run per
@@ -170,6 +167,11 @@ class TrainerConfig:
     learning-rate schedule (see StageConfig); max_steps must equal the sum of their steps. Empty: one stage of
     max_steps on data.* and optim.* as given."""
 
+    def __post_init__(self) -> None:
+        self.device = choice(Device, self.device, "trainer.device")
+        self.precision = choice(Precision, self.precision, "trainer.precision")
+        self.parallel = choice(Parallel, self.parallel, "trainer.parallel")
+
 
 @dataclass
 class LoggerConfig:
@@ -180,8 +182,11 @@ class LoggerConfig:
     group: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
-    mode: str = "offline"
+    mode: WandbMode = WandbMode.offline
     """offline (default: files in the run directory, `wandb sync` later) | online | disabled."""
+
+    def __post_init__(self) -> None:
+        self.mode = choice(WandbMode, self.mode, "logger.mode")
 
 
 @dataclass
@@ -234,9 +239,12 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas: train.yaml extends `train_schema`; each group file extends its group's `schema`."""
+    """Register the schemas: train.yaml extends `train_schema`; the group files are typed by their field of
+    TrainConfig, except data files, which extend their kind's schema (`<kind>_schema`)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for group, node in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
-                        ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+    for group, node in (("model", ModelConfig), ("optim", OptimConfig), ("trainer", TrainerConfig),
+                        ("logger", LoggerConfig)):
         cs.store(group=group, name="schema", node=node)
+    for schema in DATA_SCHEMAS:  # data/*.yaml name their kind's schema: `defaults: [<kind>_schema]`
+        cs.store(group="data", name=f"{schema.kind}_schema", node=schema)
