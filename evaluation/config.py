@@ -22,8 +22,6 @@ from omegaconf import MISSING
 from models.config import DType
 from training.config import WandbMode
 
-TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe")
-
 
 @dataclass
 class PasskeyTaskConfig:
@@ -193,14 +191,11 @@ class EvalConfig:
 
 
 def register_configs() -> None:
-    """Store the schemas; the yaml files under conf/eval/ extend them through their defaults lists."""
-    cs = ConfigStore.instance()
-    cs.store(name="eval_schema", node=EvalConfig)
-    cs.store(group="task", name="passkey_schema", node=PasskeyTaskConfig)
-    cs.store(group="task", name="perplexity_schema", node=PerplexityTaskConfig)
-    cs.store(group="task", name="summarization_schema", node=SummarizationTaskConfig)
-    cs.store(group="task", name="memory_footprint_schema", node=MemoryFootprintTaskConfig)
-    cs.store(group="task", name="memory_probe_schema", node=MemoryProbeTaskConfig)
+    """Store every task's schema (each task's runner registers it as task/<name>_schema when its module is
+    imported, evaluation/tasks.py); the yaml files under conf/eval/ extend them through their defaults lists."""
+    from evaluation.tasks import discover
+
+    discover()
 
 
-register_configs()
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
