@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from attention.infini import AttentionState
 from attention.memory import Memory
 from data.tokenizer import Tokenizer, load_tokenizer
+from evaluation.tasks import Report, Task
 from models.checkpoint import CheckpointError
 from models.transformer import ModelState, Transformer, detach_state
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -232,6 +233,7 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     """Train (and evaluate) as `config` says. Returns a summary: final step, losses, checkpoint, passkey results."""
     cfg, plain_config = to_train_config(config)
     stages = resolve_stages(cfg)  # every stage's overrides checked now, before anything runs
+    eval_tasks = resolve_eval_tasks(cfg)  # and every evaluation task's fields
     runtime = init_runtime(cfg.trainer)
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -386,7 +388,8 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
             if progress is not None:
                 progress.update(1)
             if val_batches is not None and step % cfg.trainer.eval_every == 0:
-                record = periodic_eval(cfg, model, module, val_batches, tokenizer, runtime, training_length)
+                record = periodic_eval(cfg, model, module, val_batches, tokenizer, runtime, training_length,
+                                       eval_tasks["periodic"])
                 logger.log(record, step)
                 if stage is not None and stage.should_advance(record):
                     curriculum.advance(stage.index, step)  # the next stage starts now; the last one gets the steps
@@ -416,10 +419,9 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
                 summary["stopped_by_signal"] = True
                 break
         summary["step"] = step
-        if cfg.evaluation.final_passkey_lengths and step == cfg.trainer.max_steps:
-            summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
-        if cfg.evaluation.final_probe_lengths and cfg.model.attention == "infini" and step == cfg.trainer.max_steps:
-            summary["probe"] = final_probe(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
+        if step == cfg.trainer.max_steps:
+            summary.update(final_eval(model, tokenizer, run_dir, runtime, logger, step, training_length,
+                                      eval_tasks["final"]))
     finally:
         stop.restore()
         if progress is not None:
@@ -428,87 +430,68 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_batches, tokenizer: Tokenizer,
-                  runtime: Runtime, training_length: int | None = None) -> dict[str, float]:
-    from evaluation.passkey import evaluate_passkey, segment_len_of
+def resolve_eval_tasks(cfg: TrainConfig) -> dict[str, list[tuple[str, Task, Any]]]:
+    """evaluation.periodic / evaluation.final as (label, task, typed task config), every entry checked now."""
+    from evaluation.tasks import task_config
 
+    resolved = {}
+    for when in ("periodic", "final"):
+        resolved[when] = []
+        for i, entry in enumerate(getattr(cfg.evaluation, when)):
+            entry = dict(entry)
+            label = str(entry.pop("label", entry.get("task", "")))
+            task, task_cfg = task_config(entry, f"evaluation.{when}[{i}]")
+            resolved[when].append((label, task, task_cfg))
+    return resolved
+
+
+def run_eval_task(task: Task, task_cfg: Any, model: Transformer, tokenizer: Tokenizer, out_dir: Path | None,
+                  training_length: int | None) -> Report | None:
+    """One task on the model in training (eval mode, restored after); None when it does not apply to the model."""
+    from evaluation.tasks import EvalContext
+
+    if task.infini_only and model.config.attention != "infini":
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return task.run(task_cfg, EvalContext(model, tokenizer, out_dir, training_length))
+    finally:
+        model.train(was_training)
+
+
+def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_batches, tokenizer: Tokenizer,
+                  runtime: Runtime, training_length: int | None, tasks: list) -> dict[str, float]:
+    """Validation loss and perplexity, then the evaluation.periodic tasks' metrics (Task.periodic_name)."""
     loss = validation_loss(module, val_batches, runtime)
     metrics = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
-    e = cfg.evaluation
-    if e.passkey_lengths and e.passkey_trials > 0:
-        was_training = model.training
-        model.eval()
-        results = evaluate_passkey(model, tokenizer, e.passkey_lengths, e.passkey_depths, e.passkey_trials,
-                                   e.seed, e.chunk_size, digits=getattr(cfg.data, "passkey_digits", 5),
-                                   segment_len=segment_len_of(cfg.model), offset_classes=e.offset_classes,
-                                   offsets_per_class=e.offsets_per_class, training_length=training_length)
-        model.train(was_training)
-        metrics["val/passkey_exact"] = results.mean("exact")
-        for length, accuracy in results.per_requested_length("exact").items():  # offset classes pooled
-            metrics[f"val/passkey_exact/{length}"] = accuracy
-        if results.by_class:
-            for (length, offset_class), accuracy in results.class_accuracy("exact").items():
-                metrics[f"val/passkey_exact/{length}/{offset_class}"] = accuracy
-    if e.probe_lengths and cfg.model.attention == "infini":
-        from evaluation.memory_probe import needle_share_summary, probe_memory
-
-        probe = probe_memory(model, tokenizer, e.probe_lengths, (0.0, 0.5, 1.0), 1, e.seed,
-                             digits=getattr(cfg.data, "passkey_digits", 5), knockouts=False, segment_curve=False,
-                             chunk_size=e.chunk_size)
-        metrics.update(needle_share_summary(probe))
+    for _, task, task_cfg in tasks:
+        report = run_eval_task(task, task_cfg, model, tokenizer, None, training_length)
+        if report is not None:
+            metrics.update({task.periodic_name(k): v for k, v in report.metrics.items()})
     return metrics
 
 
-def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
-                  logger: MetricsLogger, step: int, training_length: int | None = None) -> dict[str, Any]:
-    """Passkey retrieval at the final lengths: table printed, JSON + heat map in <run_dir>/passkey."""
-    from evaluation.passkey import class_note, compact_table, evaluate_passkey, markdown_table, segment_len_of
-
-    e = cfg.evaluation
-    out_dir = run_dir / "passkey" if runtime.is_main else None
-    model.eval()
-    results = evaluate_passkey(model, tokenizer, e.final_passkey_lengths, e.final_passkey_depths,
-                               e.final_passkey_trials, e.seed, e.chunk_size, out_dir=out_dir,
-                               digits=getattr(cfg.data, "passkey_digits", 5), segment_len=segment_len_of(cfg.model),
-                               offset_classes=e.offset_classes, offsets_per_class=e.offsets_per_class,
-                               training_length=training_length)
-    summary = results.summary()
-    if runtime.is_main:
-        print(f"\nPasskey retrieval, exact match (%), longest training sequence {training_length} tokens, "
-              f"{e.final_passkey_trials} trials per cell:\n")
-        print(markdown_table(results, "exact"))
-        if results.by_class:
-            print(f"\nBy offset class, every depth pooled:\n\n{compact_table(results, 'exact')}\n\n"
-                  f"{class_note(results)}")
-        print(f"\nmean exact match {100 * results.mean('exact'):.1f}%; outputs in {out_dir}")
-        exact = summary["metrics"]["exact"]
-        logger.log({**{f"passkey/exact/{k}": v for k, v in exact["per_requested_length"].items()},
-                    **{f"passkey/exact/{n}/{c}": v for n, by_class in exact["per_length_class"].items()
-                       for c, v in by_class.items() if results.by_class}}, step)
-        heatmap = out_dir / "passkey_heatmap.png"
-        if heatmap.is_file():
-            logger.log_image("passkey/heatmap", heatmap, step)
-
-    return summary
-
-
-def final_probe(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
-                logger: MetricsLogger, step: int, training_length: int | None = None) -> dict[str, float]:
-    """The memory probe after training (needle share, filler ratio, knock-outs): files in <run_dir>/probe."""
-    from evaluation.memory_probe import needle_share_summary, probe_memory
-
-    e = cfg.evaluation
-    probe_dir = run_dir / "probe" if runtime.is_main else None
-    probe = probe_memory(model, tokenizer, e.final_probe_lengths, (0.0, 0.5, 1.0), 2, e.seed,
-                         digits=getattr(cfg.data, "passkey_digits", 5), chunk_size=e.chunk_size,
-                         training_length=training_length, out_dir=probe_dir)
-    metrics = needle_share_summary(probe)
-    if runtime.is_main:
-        print(f"\nMemory probe (needle share of the read weight, write knock-outs): {probe_dir}/memory_probe.md")
-        logger.log(metrics, step)
-        if (probe_dir / "memory_probe.png").is_file():
-            logger.log_image("probe/memory_probe", probe_dir / "memory_probe.png", step)
-    return metrics
+def final_eval(model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime, logger: MetricsLogger,
+               step: int, training_length: int | None, tasks: list) -> dict[str, Any]:
+    """The evaluation.final tasks: tables printed, files in <run_dir>/<label>, metrics logged at `step` (rank 0).
+    Returns {label: the task's summary}."""
+    summaries = {}
+    for label, task, task_cfg in tasks:
+        out_dir = run_dir / label if runtime.is_main else None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        report = run_eval_task(task, task_cfg, model, tokenizer, out_dir, training_length)
+        if report is None:
+            continue
+        summaries[label] = report.summary
+        if runtime.is_main:
+            print(report.text, flush=True)
+            logger.log(report.metrics, step)
+            for key, path in report.images.items():
+                if Path(path).is_file():
+                    logger.log_image(key, Path(path), step)
+    return summaries
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

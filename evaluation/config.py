@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from data.passkey import check_offset_settings
 from models.config import DType
 from training.config import WandbMode
 
@@ -56,6 +57,13 @@ class PasskeyTaskConfig:
     for the model's segment length (inside when segment_len <= q) is skipped with a note. Ignored for `full`."""
     offsets_per_class: int = 1
     """Offsets per class, evenly spread inside it (1: the class's middle offset; opens has only r = 0)."""
+
+    def __post_init__(self) -> None:
+        """Bad class names fail when the config is built (a training run's final evaluation: at its start)."""
+        try:
+            check_offset_settings(list(self.offset_classes), self.offsets_per_class)
+        except ValueError as error:
+            raise ValueError(f"offset_classes / offsets_per_class: {error}") from error
 
 
 @dataclass

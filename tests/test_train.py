@@ -105,8 +105,8 @@ def test_smoke_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
 
 
 def test_periodic_evaluation_logs_validation_and_passkey(tmp_path):
-    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2", "evaluation.passkey_lengths=[256]",
-                      "evaluation.passkey_depths=[0.5]", "evaluation.passkey_trials=1"))
+    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2",
+                      "evaluation.periodic=[{task: passkey, lengths: [256], depths: [0.5], trials: 1}]"))
     (record,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
     assert record["step"] == 2 and record["val/perplexity"] == pytest.approx(math.exp(record["val/loss"]))
     classes = [record[f"val/passkey_exact/256/{c}"] for c in ("inside", "straddles", "opens")]
@@ -116,14 +116,16 @@ def test_periodic_evaluation_logs_validation_and_passkey(tmp_path):
 
 
 def test_probe_metrics_during_and_after_training_and_the_longest_training_length(tmp_path):
-    """evaluation.probe_lengths logs the memory probe's needle share at each periodic evaluation (the values a
-    direct probe of the same weights gives); final_probe_lengths writes the full probe; passkey tables count
+    """A periodic memory_probe task logs the needle share at each periodic evaluation (the values a direct probe of
+    the same weights gives); a final one labelled probe writes the full probe to <run_dir>/probe; passkey tables count
     multiples of the longest training sequence, stages included."""
     from evaluation.memory_probe import needle_share_summary, probe_memory
     from training.stages import longest_training_length
 
-    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2", "evaluation.passkey_lengths=[]",
-                      "evaluation.probe_lengths=[256]", "evaluation.final_probe_lengths=[256]"))
+    probe = "task: memory_probe, lengths: [256], depths: [0.0, 0.5, 1.0], seed: 1234"
+    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2",
+                      f"evaluation.periodic=[{{{probe}, trials: 1, knockouts: false, segment_curve: false}}]",
+                      f"evaluation.final=[{{{probe}, label: probe}}]"))
     (record,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
     model = load_model(latest_checkpoint(tmp_path))[0].eval()
     direct = needle_share_summary(probe_memory(model, load_tokenizer("byte"), [256], (0.0, 0.5, 1.0), 1, 1234,

@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 from data.booksum import BooksumDataConfig
 from data.config import DataConfig, choice
-from data.passkey import PasskeyDataConfig, check_offset_settings
+from data.passkey import PasskeyDataConfig
 from data.text import TextDataConfig
 from models.config import ModelConfig
 
@@ -191,39 +191,17 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    passkey_lengths: list[int] = field(default_factory=lambda: [512, 2048])
-    """Quick passkey check during training (token lengths; one prompt length per offset class each, see
-    offset_classes)."""
-    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    passkey_trials: int = 2
-    final_passkey_lengths: list[int] = field(default_factory=list)
-    """Passkey evaluation after training (table, JSON, heat map in <run_dir>/passkey); empty: skip."""
-    final_passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    final_passkey_trials: int = 4
-    offset_classes: list[str] = field(default_factory=lambda: ["inside", "straddles", "opens"])
-    """Both passkey evaluations report each length per class of where the answer starts in its segment (inside,
-    straddles, opens; evaluation/passkey.py): length L runs at P = N * round(L / N) + r for each class listed
-    (N = model.segment_len; a class empty for N is skipped with a note). Ignored for model.attention=full, whose
-    lengths are used as given. Each class adds a prompt per (length, depth, trial)."""
-    offsets_per_class: int = 1
-    """Offsets per class, evenly spread inside it (1: the class's middle offset; opens has only r = 0)."""
-    chunk_size: int = 4096
-    """Prompts are streamed through the model in chunks of this many tokens."""
-    seed: int = 1234
-    probe_lengths: list[int] = field(default_factory=list)
-    """`infini` models: at every periodic evaluation, the memory probe's needle share of the read weight and
-    filler-to-needle ratio at these prompt lengths (evaluation/memory_probe.py; depths 0, 0.5, 1, one trial, no
-    knock-outs), logged as probe/needle_share/<length>/...; empty: off."""
-    final_probe_lengths: list[int] = field(default_factory=list)
-    """`infini` models: after training, the full memory probe (knock-outs included) at these lengths, written to
-    <run_dir>/probe (memory_probe.json/.md/.png); empty: off."""
+    """Evaluations during and after training: lists of tasks of the evaluation registry (evaluation/tasks.py, the
+    tasks of `python -m evaluation task=...`), each entry {task: <name>, <field>: <value>, ...} a task's schema
+    defaults (evaluation/config.py) with these fields, plus an optional `label`. Checked at train start."""
 
-    def __post_init__(self) -> None:
-        """Bad class names fail when the config is built, not after training."""
-        try:
-            check_offset_settings(list(self.offset_classes), self.offsets_per_class)
-        except ValueError as error:
-            raise ValueError(f"evaluation.offset_classes / evaluation.offsets_per_class: {error}") from error
+    periodic: list[dict[str, Any]] = field(default_factory=list)
+    """Run at every periodic evaluation (trainer.eval_every) on the model in training, after the validation loss;
+    their metrics go into the same record (passkey: val/passkey_exact, val/passkey_exact/<length>[/<class>];
+    memory_probe: probe/needle_share/<length>/...). No files."""
+    final: list[dict[str, Any]] = field(default_factory=list)
+    """Run after the last step: tables printed, files in <run_dir>/<label> (label: the task's name unless given),
+    metrics logged at the last step (passkey/exact/<length>[/<class>], probe/...)."""
 
 
 @dataclass
