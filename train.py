@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from attention.infini import AttentionState
-from attention.memory import Memory
 from data.tokenizer import Tokenizer, load_tokenizer
 from evaluation.tasks import Report, Task
 from models.checkpoint import CheckpointError
-from models.transformer import ModelState, Transformer, detach_state
+from models.state import ModelState, detach_state, flatten_state, reset_rows, state_metrics, unflatten_state
+from models.transformer import Transformer
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, TrainerConfig, register_configs
 from training.data import build_data
@@ -48,18 +47,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- one optimizer step
-
-
-def reset_rows(state: ModelState | None, new_document: Tensor) -> ModelState | None:
-    """Empty the memory of the rows that start a new document (carry_state); the others keep theirs."""
-    if state is None:
-        return None
-    keep = (~new_document).to(state[0].keys.device)
-
-    def reset(t: Tensor) -> Tensor:
-        return t * keep.view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
-
-    return tuple(s._replace(memory=None if s.memory is None else Memory(*map(reset, s.memory))) for s in state)
 
 
 def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelState | None, runtime: Runtime,
@@ -99,44 +86,6 @@ def validation_loss(module: nn.Module, batches: list[dict[str, Tensor]], runtime
         loss_sum += float((token_loss * mask.flatten()).sum())
         count += float(mask.sum())
     return all_reduce_sum(loss_sum, runtime) / max(all_reduce_sum(count, runtime), 1.0)
-
-
-def flatten_state(state: ModelState, prefix: str) -> dict[str, Tensor]:
-    """A carried state as named tensors for a checkpoint ("<prefix>layer<i>/<name>")."""
-    tensors = {}
-    for i, s in enumerate(state):
-        tensors[f"{prefix}layer{i}/keys"], tensors[f"{prefix}layer{i}/values"] = s.keys, s.values
-        if s.memory is not None:
-            tensors[f"{prefix}layer{i}/matrix"], tensors[f"{prefix}layer{i}/norm"] = s.memory
-    return tensors
-
-
-def unflatten_state(tensors: dict[str, Tensor], prefix: str, n_layers: int, device: torch.device) -> ModelState:
-    def get(key: str) -> Tensor | None:
-        value = tensors.get(prefix + key)
-        return None if value is None else value.to(device)
-
-    return tuple(
-        AttentionState(get(f"layer{i}/keys"), get(f"layer{i}/values"),
-                       None if get(f"layer{i}/matrix") is None else Memory(get(f"layer{i}/matrix"),
-                                                                            get(f"layer{i}/norm")))
-        for i in range(n_layers)
-    )
-
-
-def state_metrics(model: Transformer, state: ModelState | None) -> dict[str, float]:
-    """Per layer and head sigmoid(gate); per layer the Frobenius norm of M and the mean of z (batch mean)."""
-    metrics = {}
-    gates = model.gates()
-    if gates is not None:
-        for layer, row in enumerate(gates.tolist()):
-            for head, value in enumerate(row):
-                metrics[f"gate/layer{layer}/head{head}"] = value
-    for layer, s in enumerate(state or ()):
-        if s.memory is not None:
-            metrics[f"memory/M_norm/layer{layer}"] = float(s.memory.matrix.norm(dim=(-2, -1)).mean())
-            metrics[f"memory/z_mean/layer{layer}"] = float(s.memory.norm.mean())
-    return metrics
 
 
 # ------------------------------------------------------------------------------------------------------ the loop

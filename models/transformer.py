@@ -10,19 +10,16 @@ The streaming state is explicit (a tuple with one AttentionState per layer) and 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from attention.infini import AttentionState, CausalSelfAttention, InfiniAttention
-from attention.memory import Memory
+from attention.infini import CausalSelfAttention, InfiniAttention
 from models.config import ModelConfig
 from models.layers import DecoderBlock, RMSNorm
 from models.rope import RotaryEmbedding
-
-ModelState = tuple[AttentionState, ...]
+from models.state import ModelState, detach_state, map_state  # noqa: F401  (re-exported)
 
 # On CPU, hidden() feeds long segmented inputs through the stack in chunks of whole segments whose largest
 # activation stays under this many bytes. glibc serves blocks above its mmap threshold (adaptive, at most 32 MiB
@@ -160,16 +157,3 @@ class Transformer(nn.Module):
         """sigmoid(beta): (n_layers, n_heads) share of memory in each head's output, or None without memory."""
         logits = [layer.attention.gate_logit for layer in self.layers if isinstance(layer.attention, InfiniAttention)]
         return torch.sigmoid(torch.stack(logits)).detach() if logits else None
-
-
-def map_state(state: ModelState, fn: Callable[[Tensor], Tensor]) -> ModelState:
-    """Apply fn to every tensor of a state (detach, index_select for beams, .to(device), ...)."""
-    return tuple(
-        AttentionState(fn(s.keys), fn(s.values), None if s.memory is None else Memory(*map(fn, s.memory)))
-        for s in state
-    )
-
-
-def detach_state(state: ModelState) -> ModelState:
-    """Cut back-propagation through time at this point of the stream (truncated BPTT)."""
-    return map_state(state, Tensor.detach)

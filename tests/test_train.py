@@ -307,16 +307,6 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-8)
 
 
-def test_reset_rows_empties_only_new_documents():
-    model = Transformer(train.to_train_config(smoke(Path("/unused")))[0].model)
-    state = model(fixed_batch(3, 256)["tokens"][:, :128]).state
-    reset = train.reset_rows(state, torch.tensor([False, True, False]))
-    for before, after in zip(state, reset):
-        assert torch.equal(after.memory.matrix[1], torch.zeros_like(after.memory.matrix[1]))
-        assert torch.equal(after.memory.norm[1], torch.zeros_like(after.memory.norm[1]))
-        assert torch.equal(after.memory.matrix[[0, 2]], before.memory.matrix[[0, 2]])
-
-
 def test_parameter_groups_and_schedule():
     cfg = OptimConfig(lr=1e-3, weight_decay=0.1, gate_lr_multiplier=10.0, warmup_steps=10, min_lr_ratio=0.1)
     model = Transformer(train.to_train_config(smoke(Path("/unused")))[0].model)
