@@ -30,6 +30,7 @@ from data.tokenizer import Tokenizer, load_tokenizer
 from evaluation.tasks import Report, Task
 from models.checkpoint import CheckpointError
 from models.state import ModelState, detach_state, flatten_state, reset_rows, state_metrics, unflatten_state
+from models.streaming import stream
 from models.transformer import Transformer
 from training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, TrainerConfig, register_configs
@@ -58,21 +59,19 @@ def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelSt
     write_scale = batch["write_scale"].to(runtime.device) if "write_scale" in batch else None  # (B, T) or None
     T = tokens.shape[1]
     chunk = cfg.tbptt_segments * segment_len if cfg.tbptt_segments > 0 else T
-    starts = list(range(0, T, chunk))
-    total = 0.0
-    for i, start in enumerate(starts):
-        stop = start + chunk
-        with no_sync(module, sync and i == len(starts) - 1):
+
+    def step(span: slice, state: ModelState | None) -> tuple[float, ModelState]:
+        with no_sync(module, sync and span.stop == T):  # gradients synchronise on the last chunk's backward
             with runtime.autocast():
-                out = module(tokens[:, start:stop], state,
-                             None if write_scale is None else write_scale[:, start:stop])
-            token_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets[:, start:stop].flatten(),
+                out = module(tokens[:, span], state, None if write_scale is None else write_scale[:, span])
+            token_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets[:, span].flatten(),
                                          reduction="none")  # (B*chunk,)
-            loss = (token_loss * mask[:, start:stop].flatten()).sum()
+            loss = (token_loss * mask[:, span].flatten()).sum()
             (loss * scale).backward()
-        total += loss.item()
-        state = detach_state(out.state)
-    return total, state
+        return loss.item(), detach_state(out.state)
+
+    losses, state = stream(step, T, chunk, state)
+    return sum(losses), state
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from data.tokenizer import ByteTokenizer, Tokenizer
 from evaluation.report import finite_or_none, write_json, write_jsonl
+from models.streaming import stream
 from models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ def score_document(
     first token is scored), or None to use the first token as context only; segment_len: bucket size of the
     per-segment losses (default: the model's segment length).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     segment_len = segment_len or model.config.segment_len
     device = model.tok_embeddings.weight.device
     ids = torch.as_tensor(tokens, dtype=torch.long).flatten()
@@ -77,15 +76,14 @@ def score_document(
         ids = torch.cat([torch.tensor([prefix_token], dtype=torch.long), ids])
     inputs, targets = ids[:-1], ids[1:]  # position t predicts token t + 1
     n = inputs.numel()
-    token_nll = torch.zeros(n, dtype=torch.float64)
-    state = None
-    for start in range(0, n, chunk_size):
-        chunk = inputs[start : start + chunk_size].to(device).unsqueeze(0)  # (1, C)
-        logits, state = model(chunk, state)  # (1, C, V)
+
+    def step(span: slice, state):
+        logits, state = model(inputs[span].to(device).unsqueeze(0), state)  # (1, C, V)
         logits = logits[0].to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-        nll = F.cross_entropy(logits, targets[start : start + chunk.shape[1]].to(device),
-                              reduction="none")  # (C,)
-        token_nll[start : start + chunk.shape[1]] = nll.double().cpu()
+        return F.cross_entropy(logits, targets[span].to(device), reduction="none").double().cpu(), state  # (C,)
+
+    nll, _ = stream(step, n, chunk_size, None)
+    token_nll = torch.cat(nll) if nll else torch.zeros(0, dtype=torch.float64)
     segment_index = torch.arange(n) // segment_len  # segment of the predicting position
     n_segments = int(segment_index[-1]) + 1 if n else 0
     segment_nll = torch.zeros(n_segments, dtype=torch.float64).index_add_(0, segment_index, token_nll)
