@@ -21,6 +21,7 @@ from omegaconf import MISSING
 
 from data.passkey import check_offset_settings
 from models.config import DType
+from models.generation import GenerationConfig
 from training.config import WandbMode
 
 
@@ -88,21 +89,10 @@ class PerplexityTaskConfig:
     Off by default: training streams start at a document's first token, which is context only."""
 
 
-@dataclass
-class GenerationSettings:
-    """Decoding settings; mirror models.generation.GenerationConfig. The defaults are the paper's BookSum
-    setting: sampling at temperature 0.5, top-p 0.95, 1024 steps."""
-
-    max_new_tokens: int = 1024
-    do_sample: bool = True
-    temperature: float = 0.5
-    top_k: int = 0
-    top_p: float = 0.95
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    chunk_size: int = 4096
-    seed: int = 0
-    """Example i is decoded with seed + i, so sampling is reproducible and independent of example order."""
+def paper_generation() -> GenerationConfig:
+    """The paper's BookSum decoding: sampling at temperature 0.5, top-p 0.95, 1024 steps; example i is decoded
+    with seed + i, so sampling is reproducible and independent of example order."""
+    return GenerationConfig(max_new_tokens=1024, do_sample=True, temperature=0.5, top_p=0.95, seed=0)
 
 
 @dataclass
@@ -122,7 +112,8 @@ class SummarizationTaskConfig:
     """Porter stemming in ROUGE (SCROLLS: off)."""
     sentence_split: bool = True
     """Put one sentence per line before ROUGE-Lsum."""
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    generation: GenerationConfig = field(default_factory=paper_generation)
+    """Decoding settings (models.generation.GenerationConfig)."""
 
 
 @dataclass

@@ -134,7 +134,8 @@ def summarization_task(task: SummarizationTaskConfig, ctx: EvalContext) -> Repor
     examples = load_booksum(task.source, task.split, task.level)
     if task.max_examples is not None:
         examples = examples[: task.max_examples]
-    generation = GenerationConfig(**OmegaConf.to_container(OmegaConf.create(task.generation)))
+    generation = task.generation if isinstance(task.generation, GenerationConfig) else OmegaConf.to_object(
+        task.generation)
     results = summarization.evaluate_summarization(
         ctx.model, ctx.tokenizer, examples, generation, task.max_input_tokens,
         RougeScorer(use_stemmer=task.use_stemmer, sentence_split=task.sentence_split),

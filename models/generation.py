@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from models.config import DType
 from models.streaming import stream
 from models.transformer import ModelState, Transformer, map_state
 
@@ -255,10 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=[d.value for d in DType], default="float32")
     args = parser.parse_args(argv)
 
-    model, meta = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    model, meta = load_model(args.checkpoint, device=args.device, dtype=DType(args.dtype).torch)
     tokenizer = load_tokenizer(args.tokenizer or meta.get("tokenizer", "byte"))
     texts = args.prompt if args.prompt is not None else [args.prompt_file.read_text()]
     stop = args.stop if args.stop is not None else ([] if tokenizer.eos_id is None else [tokenizer.eos_id])

@@ -9,7 +9,7 @@ import torch
 
 import models.streaming as streaming
 from attention.feature_maps import EluPlusOne
-from attention.memory import feature_map
+from attention.reference import feature_map
 from models import ModelConfig, Transformer
 from models.layers import RMSNorm, SwiGLU, _RMSNormFunction, rms_norm_reference, swiglu_reference
 from models.rope import RopeScaling, RotaryEmbedding, rotate_half
