@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from attention.infini import AttentionState
-from attention.memory import Memory
 from data.tokenizer import Tokenizer, load_tokenizer
-from models.transformer import ModelState, Transformer, detach_state
+from evaluation.tasks import Report, Task
+from models.state import ModelState, detach_state, flatten_state, reset_rows, state_metrics, unflatten_state
+from models.streaming import stream
+from models.transformer import Transformer
 from training.checkpointing import Checkpointer, CheckpointError, NonFiniteError
 from training.config import TrainConfig, TrainerConfig, register_configs
 from training.data import build_data
@@ -51,18 +52,6 @@ class NonFiniteLossError(NonFiniteError):
 # ----------------------------------------------------------------------------------------------- one optimizer step
 
 
-def reset_rows(state: ModelState | None, new_document: Tensor) -> ModelState | None:
-    """Empty the memory of the rows that start a new document (carry_state); the others keep theirs."""
-    if state is None:
-        return None
-    keep = (~new_document).to(state[0].keys.device)
-
-    def reset(t: Tensor) -> Tensor:
-        return t * keep.view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
-
-    return tuple(s._replace(memory=None if s.memory is None else Memory(*map(reset, s.memory))) for s in state)
-
-
 def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelState | None, runtime: Runtime,
                      cfg: TrainerConfig, segment_len: int, scale: float, sync: bool) -> tuple[float, ModelState]:
     """Loss and gradients of one batch: back-propagation through time over its segments, truncated every
@@ -72,21 +61,19 @@ def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelSt
     write_scale = batch["write_scale"].to(runtime.device) if "write_scale" in batch else None  # (B, T) or None
     T = tokens.shape[1]
     chunk = cfg.tbptt_segments * segment_len if cfg.tbptt_segments > 0 else T
-    starts = list(range(0, T, chunk))
-    total = 0.0
-    for i, start in enumerate(starts):
-        stop = start + chunk
-        with no_sync(module, sync and i == len(starts) - 1):
+
+    def step(span: slice, state: ModelState | None) -> tuple[float, ModelState]:
+        with no_sync(module, sync and span.stop == T):  # gradients synchronise on the last chunk's backward
             with runtime.autocast():
-                out = module(tokens[:, start:stop], state,
-                             None if write_scale is None else write_scale[:, start:stop])
-            token_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets[:, start:stop].flatten(),
+                out = module(tokens[:, span], state, None if write_scale is None else write_scale[:, span])
+            token_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets[:, span].flatten(),
                                          reduction="none")  # (B*chunk,)
-            loss = (token_loss * mask[:, start:stop].flatten()).sum()
+            loss = (token_loss * mask[:, span].flatten()).sum()
             (loss * scale).backward()
-        total += loss.item()
-        state = detach_state(out.state)
-    return total, state
+        return loss.item(), detach_state(out.state)
+
+    losses, state = stream(step, T, chunk, state)
+    return sum(losses), state
 
 
 @torch.no_grad()
@@ -100,44 +87,6 @@ def validation_loss(module: nn.Module, batches: list[dict[str, Tensor]], runtime
         loss_sum += float((token_loss * mask.flatten()).sum())
         count += float(mask.sum())
     return all_reduce_sum(loss_sum, runtime) / max(all_reduce_sum(count, runtime), 1.0)
-
-
-def flatten_state(state: ModelState, prefix: str) -> dict[str, Tensor]:
-    """A carried state as named tensors for a checkpoint ("<prefix>layer<i>/<name>")."""
-    tensors = {}
-    for i, s in enumerate(state):
-        tensors[f"{prefix}layer{i}/keys"], tensors[f"{prefix}layer{i}/values"] = s.keys, s.values
-        if s.memory is not None:
-            tensors[f"{prefix}layer{i}/matrix"], tensors[f"{prefix}layer{i}/norm"] = s.memory
-    return tensors
-
-
-def unflatten_state(tensors: dict[str, Tensor], prefix: str, n_layers: int, device: torch.device) -> ModelState:
-    def get(key: str) -> Tensor | None:
-        value = tensors.get(prefix + key)
-        return None if value is None else value.to(device)
-
-    return tuple(
-        AttentionState(get(f"layer{i}/keys"), get(f"layer{i}/values"),
-                       None if get(f"layer{i}/matrix") is None else Memory(get(f"layer{i}/matrix"),
-                                                                            get(f"layer{i}/norm")))
-        for i in range(n_layers)
-    )
-
-
-def state_metrics(model: Transformer, state: ModelState | None) -> dict[str, float]:
-    """Per layer and head sigmoid(gate); per layer the Frobenius norm of M and the mean of z (batch mean)."""
-    metrics = {}
-    gates = model.gates()
-    if gates is not None:
-        for layer, row in enumerate(gates.tolist()):
-            for head, value in enumerate(row):
-                metrics[f"gate/layer{layer}/head{head}"] = value
-    for layer, s in enumerate(state or ()):
-        if s.memory is not None:
-            metrics[f"memory/M_norm/layer{layer}"] = float(s.memory.matrix.norm(dim=(-2, -1)).mean())
-            metrics[f"memory/z_mean/layer{layer}"] = float(s.memory.norm.mean())
-    return metrics
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -182,7 +131,7 @@ def to_train_config(cfg: DictConfig | TrainConfig) -> tuple[TrainConfig, dict[st
     """Typed config (ModelConfig validated) and its resolved plain-dict form (stored in checkpoints)."""
     if isinstance(cfg, TrainConfig):
         cfg = OmegaConf.structured(cfg)
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     typed = OmegaConf.to_object(cfg)
     return typed, plain
 
@@ -195,7 +144,7 @@ def validate(cfg: TrainConfig, tokenizer: Tokenizer, stages: list[Stage]) -> Non
               if data.kind == "passkey" and data.passkey_haystack_scale != 1.0]
     if scaled and cfg.model.attention != "infini":
         raise ValueError(f"{scaled[0]}.passkey_haystack_scale scales memory writes: model.attention="
-                         f"{cfg.model.attention!r} keeps no memory (use 1.0)")
+                         f"{str(cfg.model.attention)!r} keeps no memory (use 1.0)")
     t = cfg.trainer
     if t.max_steps <= 0 or t.grad_accum <= 0 or t.tbptt_segments < 0:
         raise ValueError("trainer.max_steps and trainer.grad_accum must be positive, trainer.tbptt_segments >= 0")
@@ -233,19 +182,21 @@ def train(config: DictConfig | TrainConfig) -> dict[str, Any]:
     The run directory is locked for the whole run (training/run_dir.py): a second run into it stops at once."""
     cfg, plain_config = to_train_config(config)
     stages = resolve_stages(cfg)  # every stage's overrides checked now, before anything runs
+    eval_tasks = resolve_eval_tasks(cfg)  # and every evaluation task's fields
     runtime = init_runtime(cfg.trainer)
     seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     validate(cfg, tokenizer, stages)
     lock = lock_run_directory(cfg.trainer.run_dir, runtime)  # before anything is written there
     try:
-        return train_locked(cfg, plain_config, stages, runtime, tokenizer)
+        return train_locked(cfg, plain_config, stages, eval_tasks, runtime, tokenizer)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[Stage], runtime: Runtime,
+def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[Stage],
+                 eval_tasks: dict[str, list[tuple[str, Task, Any]]], runtime: Runtime,
                  tokenizer: Tokenizer) -> dict[str, Any]:
     """The body of train(), run while this process holds the run directory's lock."""
     run_dir = Path(cfg.trainer.run_dir)
@@ -401,7 +352,8 @@ def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[St
             if progress is not None:
                 progress.update(1)
             if val_batches is not None and step % cfg.trainer.eval_every == 0:
-                record = periodic_eval(cfg, model, module, val_batches, tokenizer, runtime, training_length)
+                record = periodic_eval(cfg, model, module, val_batches, tokenizer, runtime, training_length,
+                                       eval_tasks["periodic"])
                 logger.log(record, step)
                 if stage is not None and stage.should_advance(record):
                     curriculum.advance(stage.index, step)  # the next stage starts now; the last one gets the steps
@@ -435,12 +387,9 @@ def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[St
         try:
             if stop.signal is not None:  # arrived earlier: no final evaluation
                 raise InterruptedBySignalError(stop.signal)
-            if cfg.evaluation.final_passkey_lengths and step == cfg.trainer.max_steps:
-                summary["passkey"] = final_passkey(cfg, model, tokenizer, run_dir, runtime, logger, step,
-                                                   training_length)
-            if cfg.evaluation.final_probe_lengths and cfg.model.attention == "infini" and \
-                    step == cfg.trainer.max_steps:
-                summary["probe"] = final_probe(cfg, model, tokenizer, run_dir, runtime, logger, step, training_length)
+            if step == cfg.trainer.max_steps:
+                summary.update(final_eval(model, tokenizer, run_dir, runtime, logger, step, training_length,
+                                          eval_tasks["final"]))
         except InterruptedBySignalError as request:
             summary["stopped_by_signal"] = True
             if runtime.is_main and step == cfg.trainer.max_steps:
@@ -454,87 +403,68 @@ def train_locked(cfg: TrainConfig, plain_config: dict[str, Any], stages: list[St
     return summary
 
 
-def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_batches, tokenizer: Tokenizer,
-                  runtime: Runtime, training_length: int | None = None) -> dict[str, float]:
-    from evaluation.passkey import evaluate_passkey, segment_len_of
+def resolve_eval_tasks(cfg: TrainConfig) -> dict[str, list[tuple[str, Task, Any]]]:
+    """evaluation.periodic / evaluation.final as (label, task, typed task config), every entry checked now."""
+    from evaluation.tasks import task_config
 
+    resolved = {}
+    for when in ("periodic", "final"):
+        resolved[when] = []
+        for i, entry in enumerate(getattr(cfg.evaluation, when)):
+            entry = dict(entry)
+            label = str(entry.pop("label", entry.get("task", "")))
+            task, task_cfg = task_config(entry, f"evaluation.{when}[{i}]")
+            resolved[when].append((label, task, task_cfg))
+    return resolved
+
+
+def run_eval_task(task: Task, task_cfg: Any, model: Transformer, tokenizer: Tokenizer, out_dir: Path | None,
+                  training_length: int | None) -> Report | None:
+    """One task on the model in training (eval mode, restored after); None when it does not apply to the model."""
+    from evaluation.tasks import EvalContext
+
+    if task.infini_only and model.config.attention != "infini":
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return task.run(task_cfg, EvalContext(model, tokenizer, out_dir, training_length))
+    finally:
+        model.train(was_training)
+
+
+def periodic_eval(cfg: TrainConfig, model: Transformer, module: nn.Module, val_batches, tokenizer: Tokenizer,
+                  runtime: Runtime, training_length: int | None, tasks: list) -> dict[str, float]:
+    """Validation loss and perplexity, then the evaluation.periodic tasks' metrics (Task.periodic_name)."""
     loss = validation_loss(module, val_batches, runtime)
     metrics = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
-    e = cfg.evaluation
-    if e.passkey_lengths and e.passkey_trials > 0:
-        was_training = model.training
-        model.eval()
-        results = evaluate_passkey(model, tokenizer, e.passkey_lengths, e.passkey_depths, e.passkey_trials,
-                                   e.seed, e.chunk_size, digits=cfg.data.passkey_digits,
-                                   segment_len=segment_len_of(cfg.model), offset_classes=e.offset_classes,
-                                   offsets_per_class=e.offsets_per_class, training_length=training_length)
-        model.train(was_training)
-        metrics["val/passkey_exact"] = results.mean("exact")
-        for length, accuracy in results.per_requested_length("exact").items():  # offset classes pooled
-            metrics[f"val/passkey_exact/{length}"] = accuracy
-        if results.by_class:
-            for (length, offset_class), accuracy in results.class_accuracy("exact").items():
-                metrics[f"val/passkey_exact/{length}/{offset_class}"] = accuracy
-    if e.probe_lengths and cfg.model.attention == "infini":
-        from evaluation.memory_probe import needle_share_summary, probe_memory
-
-        probe = probe_memory(model, tokenizer, e.probe_lengths, (0.0, 0.5, 1.0), 1, e.seed,
-                             digits=cfg.data.passkey_digits, knockouts=False, segment_curve=False,
-                             chunk_size=e.chunk_size)
-        metrics.update(needle_share_summary(probe))
+    for _, task, task_cfg in tasks:
+        report = run_eval_task(task, task_cfg, model, tokenizer, None, training_length)
+        if report is not None:
+            metrics.update({task.periodic_name(k): v for k, v in report.metrics.items()})
     return metrics
 
 
-def final_passkey(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
-                  logger: MetricsLogger, step: int, training_length: int | None = None) -> dict[str, Any]:
-    """Passkey retrieval at the final lengths: table printed, JSON + heat map in <run_dir>/passkey."""
-    from evaluation.passkey import class_note, compact_table, evaluate_passkey, markdown_table, segment_len_of
-
-    e = cfg.evaluation
-    out_dir = run_dir / "passkey" if runtime.is_main else None
-    model.eval()
-    results = evaluate_passkey(model, tokenizer, e.final_passkey_lengths, e.final_passkey_depths,
-                               e.final_passkey_trials, e.seed, e.chunk_size, out_dir=out_dir,
-                               digits=cfg.data.passkey_digits, segment_len=segment_len_of(cfg.model),
-                               offset_classes=e.offset_classes, offsets_per_class=e.offsets_per_class,
-                               training_length=training_length)
-    summary = results.summary()
-    if runtime.is_main:
-        print(f"\nPasskey retrieval, exact match (%), longest training sequence {training_length} tokens, "
-              f"{e.final_passkey_trials} trials per cell:\n")
-        print(markdown_table(results, "exact"))
-        if results.by_class:
-            print(f"\nBy offset class, every depth pooled:\n\n{compact_table(results, 'exact')}\n\n"
-                  f"{class_note(results)}")
-        print(f"\nmean exact match {100 * results.mean('exact'):.1f}%; outputs in {out_dir}")
-        exact = summary["metrics"]["exact"]
-        logger.log({**{f"passkey/exact/{k}": v for k, v in exact["per_requested_length"].items()},
-                    **{f"passkey/exact/{n}/{c}": v for n, by_class in exact["per_length_class"].items()
-                       for c, v in by_class.items() if results.by_class}}, step)
-        heatmap = out_dir / "passkey_heatmap.png"
-        if heatmap.is_file():
-            logger.log_image("passkey/heatmap", heatmap, step)
-
-    return summary
-
-
-def final_probe(cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime,
-                logger: MetricsLogger, step: int, training_length: int | None = None) -> dict[str, float]:
-    """The memory probe after training (needle share, filler ratio, knock-outs): files in <run_dir>/probe."""
-    from evaluation.memory_probe import needle_share_summary, probe_memory
-
-    e = cfg.evaluation
-    probe_dir = run_dir / "probe" if runtime.is_main else None
-    probe = probe_memory(model, tokenizer, e.final_probe_lengths, (0.0, 0.5, 1.0), 2, e.seed,
-                         digits=cfg.data.passkey_digits, chunk_size=e.chunk_size, training_length=training_length,
-                         out_dir=probe_dir)
-    metrics = needle_share_summary(probe)
-    if runtime.is_main:
-        print(f"\nMemory probe (needle share of the read weight, write knock-outs): {probe_dir}/memory_probe.md")
-        logger.log(metrics, step)
-        if (probe_dir / "memory_probe.png").is_file():
-            logger.log_image("probe/memory_probe", probe_dir / "memory_probe.png", step)
-    return metrics
+def final_eval(model: Transformer, tokenizer: Tokenizer, run_dir: Path, runtime: Runtime, logger: MetricsLogger,
+               step: int, training_length: int | None, tasks: list) -> dict[str, Any]:
+    """The evaluation.final tasks: tables printed, files in <run_dir>/<label>, metrics logged at `step` (rank 0).
+    Returns {label: the task's summary}."""
+    summaries = {}
+    for label, task, task_cfg in tasks:
+        out_dir = run_dir / label if runtime.is_main else None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        report = run_eval_task(task, task_cfg, model, tokenizer, out_dir, training_length)
+        if report is None:
+            continue
+        summaries[label] = report.summary
+        if runtime.is_main:
+            print(report.text, flush=True)
+            logger.log(report.metrics, step)
+            for key, path in report.images.items():
+                if Path(path).is_file():
+                    logger.log_image(key, Path(path), step)
+    return summaries
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

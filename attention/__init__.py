@@ -2,7 +2,7 @@
 
 from attention.backends import causal_attention
 from attention.infini import AttentionState, CausalSelfAttention, InfiniAttention
-from attention.memory import Memory, delta_update, feature_map, linear_update, retrieve, segment_memories
+from attention.memory import Memory, segment_memories
 
 __all__ = [
     "AttentionState",
@@ -10,9 +10,5 @@ __all__ = [
     "InfiniAttention",
     "Memory",
     "causal_attention",
-    "delta_update",
-    "feature_map",
-    "linear_update",
-    "retrieve",
     "segment_memories",
 ]

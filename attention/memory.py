@@ -8,9 +8,9 @@ Equation numbers follow v1 of the paper (v2 renumbers them (7)-(10)):
 
 Shape legend: B batch, Hkv key/value heads, S segments, N segment length, n tokens, Dk key dim, Dv value dim.
 
-This module holds the state and the equations as plain functions; the write rules the layers use (the paper's
-(4) and (5) and research variants), with their feature maps, batched forms and naive references, live in
-attention/rules/.
+This module holds the state and its batched forms; the write rules the layers use (the paper's (4) and (5) and
+research variants), with their feature maps and per-token references, live in attention/rules/; the equations
+one function each, as written (for tests and benchmarks), in attention/reference.py.
 
 Choices the paper leaves open, and ours:
   * M_0 = 0, z_0 = 0: an empty memory holds nothing, so the first segment reads nothing from it.
@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
-
-from attention.feature_maps import elu_plus_one
 
 if TYPE_CHECKING:
     from attention.rules import MemoryRule
@@ -58,36 +56,6 @@ def memory_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(compute_dtype, torch.float32)
 
 
-def feature_map(x: Tensor) -> Tensor:
-    """sigma(x) = ELU(x) + 1, the paper's feature map (the rules' maps live in attention/feature_maps.py)."""
-    return elu_plus_one(x)
-
-
-def retrieve(sigma_q: Tensor, matrix: Tensor, norm: Tensor) -> Tensor:
-    """Eq. (3): sigma(Q) M / (sigma(Q) z).
-
-    sigma_q: (..., n, Dk); matrix: (..., Dk, Dv); norm: (..., Dk); leading dims broadcast. Returns (..., n, Dv).
-    """
-    numerator = sigma_q @ matrix  # (..., n, Dv)
-    denominator = (sigma_q @ norm.unsqueeze(-1)).clamp_min(EPS)  # (..., n, 1)
-    return numerator / denominator
-
-
-def linear_update(matrix: Tensor, norm: Tensor, sigma_k: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. (4): M + sigma(K)^T V, z + sum_t sigma(K_t).  sigma_k: (..., n, Dk); values: (..., n, Dv)."""
-    return matrix + sigma_k.transpose(-1, -2) @ values, norm + sigma_k.sum(-2)
-
-
-def delta_update(matrix: Tensor, norm: Tensor, sigma_k: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. (5): M + sigma(K)^T (V - sigma(K) M / (sigma(K) z)); z as in (4).
-
-    Only the part of V that the memory cannot already retrieve is written. With an empty memory the
-    retrieved term is exactly 0 and (5) reduces to (4).
-    """
-    already_stored = retrieve(sigma_k, matrix, norm)  # (..., n, Dv)
-    return matrix + sigma_k.transpose(-1, -2) @ (values - already_stored), norm + sigma_k.sum(-2)
-
-
 # The layers keep numerator and denominator of (3) together: the augmented state [M | z] is (..., Dk, Dv + 1), and
 # the augmented values [V | 1] make one matmul sigma(K)^T [V | 1] = [sigma(K)^T V | sum_t sigma(K_t)] give both
 # increments of (4), and one matmul sigma(Q) [M | z] = [sigma(Q) M | sigma(Q) z] both terms of (3). That halves the
@@ -107,16 +75,6 @@ def split_augmented(augmented: Tensor) -> Memory:
 def with_ones(values: Tensor) -> Tensor:
     """V (..., n, Dv) -> [V | 1] (..., n, Dv + 1), contiguous."""
     return torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
-
-
-def retrieve_augmented(sigma_q: Tensor, augmented: Tensor) -> Tensor:
-    """Eq. (3) from [M | z]: sigma_q (..., n, Dk), augmented (..., Dk, Dv + 1) -> (..., n, Dv); same clamp as
-    `retrieve`."""
-    Dv = augmented.shape[-1] - 1
-    numerator, denominator = (sigma_q @ augmented).split([Dv, 1], dim=-1)  # (..., n, Dv), (..., n, 1)
-    # split, not two slices: the backward of a slice zero-fills a tensor of the whole shape, split's concatenates;
-    # and one reciprocal of the (n, 1) denominators instead of an elementwise division of the (n, Dv) numerator
-    return numerator * denominator.clamp_min(EPS).reciprocal()
 
 
 def segment_memories(

@@ -13,8 +13,44 @@ import math
 import torch
 from torch import Tensor
 
+from attention.feature_maps import elu_plus_one
 from attention.memory import EPS
 from attention.rules import MemoryRule, build_rule
+
+# ---------------------------------------------------- the paper's equations, one function each (eqs. (3)-(5))
+
+
+def feature_map(x: Tensor) -> Tensor:
+    """sigma(x) = ELU(x) + 1, the paper's feature map (the rules' maps live in attention/feature_maps.py)."""
+    return elu_plus_one(x)
+
+
+def retrieve(sigma_q: Tensor, matrix: Tensor, norm: Tensor) -> Tensor:
+    """Eq. (3): sigma(Q) M / (sigma(Q) z).
+
+    sigma_q: (..., n, Dk); matrix: (..., Dk, Dv); norm: (..., Dk); leading dims broadcast. Returns (..., n, Dv).
+    """
+    numerator = sigma_q @ matrix  # (..., n, Dv)
+    denominator = (sigma_q @ norm.unsqueeze(-1)).clamp_min(EPS)  # (..., n, 1)
+    return numerator / denominator
+
+
+def linear_update(matrix: Tensor, norm: Tensor, sigma_k: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. (4): M + sigma(K)^T V, z + sum_t sigma(K_t).  sigma_k: (..., n, Dk); values: (..., n, Dv)."""
+    return matrix + sigma_k.transpose(-1, -2) @ values, norm + sigma_k.sum(-2)
+
+
+def delta_update(matrix: Tensor, norm: Tensor, sigma_k: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. (5): M + sigma(K)^T (V - sigma(K) M / (sigma(K) z)); z as in (4).
+
+    Only the part of V that the memory cannot already retrieve is written. With an empty memory the
+    retrieved term is exactly 0 and (5) reduces to (4).
+    """
+    already_stored = retrieve(sigma_k, matrix, norm)  # (..., n, Dv)
+    return matrix + sigma_k.transpose(-1, -2) @ (values - already_stored), norm + sigma_k.sum(-2)
+
+
+# ------------------------------------------------------------------------------------ the layer, segment by segment
 
 
 def reference_infini_attention(

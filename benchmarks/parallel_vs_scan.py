@@ -12,7 +12,7 @@ input through both.
             segment's increment sigma(K_s)^T [V_s | 1], a prefix sum over segments for every M_{s-1}, then one
             batched retrieval sigma(Q) [M | z] for all segments.
   loop      the recurrence as written in the paper, one segment after another: retrieve with M_{s-1} (eq. 3,
-            attention.memory.retrieve), then M_s = M_{s-1} + sigma(K_s)^T V_s (eq. 4, linear_update). A fair loop:
+            attention.reference.retrieve), then M_s = M_{s-1} + sigma(K_s)^T V_s (eq. 4, linear_update). A fair loop:
             the segments come from one unbind (indexing x[:, :, s] in a loop would make backward zero-fill a
             whole-size gradient per segment, quadratic in S), and A_mem is stacked once.
   loop-indexed  the same loop reading segment s as x[:, :, s], as per-segment ports usually write it: each index's
@@ -43,13 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from attention.memory import (  # noqa: E402
-    EPS,
-    feature_map,
-    linear_update,
-    retrieve,
-    with_ones,
-)
+from attention.memory import EPS, with_ones  # noqa: E402
+from attention.reference import feature_map, linear_update, retrieve  # noqa: E402
 from attention.rules import build_rule  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "parallel_vs_scan.json"

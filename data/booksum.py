@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from torch import Tensor
 
-from data.stream import check_rank, check_state_config, derived_rng, shift_and_pad, stack_rows
+from data.config import SourceDataConfig, choice
+from data.stream import BatchStream, check_rank, check_state_config, derived_rng, shift_and_pad, stack_rows
 from data.text import load_records
 from data.tokenizer import Tokenizer
 
@@ -28,6 +30,13 @@ LEVELS = {
     "book": ("book", "summary", ("bid",)),
     "chapter": ("chapter", "summary_text", ("chapter_id", "book_id", "bid")),
 }
+
+
+class BooksumLevel(StrEnum):
+    """Which BookSum schema a source has (LEVELS)."""
+
+    book = "book"
+    chapter = "chapter"
 
 
 @dataclass
@@ -196,3 +205,24 @@ class SummarizationBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_config("SummarizationBatches", state, self._config())
         self.step = int(state["step"])
+
+
+@dataclass
+class BooksumDataConfig(SourceDataConfig):
+    """data.kind=booksum: summarization fine-tuning, loss on the summary tokens only (SummarizationBatches)."""
+
+    kind: str = "booksum"
+    booksum_level: BooksumLevel = BooksumLevel.book
+    """book (abertsch/booksum-fullbooks schema) or chapter (kmfoda/booksum schema)."""
+    max_input_tokens: int = 32768
+    """The document is truncated to this many tokens before the summary prompt."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.booksum_level = choice(BooksumLevel, self.booksum_level, "data.booksum_level")
+
+    def batches(self, tokenizer: Tokenizer, rank: int, world_size: int, seed: int, validation: bool,
+                segment_len: int | None) -> BatchStream:
+        examples = load_booksum(self.source, self.split_for(validation), self.booksum_level.value)
+        return SummarizationBatches(examples, tokenizer, self.seq_len, self.batch_size, self.max_input_tokens,
+                                    rank, world_size, seed)

@@ -14,14 +14,16 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data.stream import check_rank, check_state_config, derived_rng, shift_and_pad
+from data.config import DataConfig, choice
+from data.stream import BatchStream, check_rank, check_state_config, derived_rng, shift_and_pad
 from data.tokenizer import Tokenizer
 
 INSTRUCTION = (
@@ -32,13 +34,31 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 SEPARATOR = "\n"
-LOSS_ON = ("answer", "all")
+
+
+class LossOn(StrEnum):
+    """Which targets of a passkey example carry loss (data.loss_on)."""
+
+    answer = "answer"
+    all = "all"
+
+
+LOSS_ON = tuple(m.value for m in LossOn)
 ANSWER = " {key}."  # the continuation of QUESTION, as in the needle
 OFFSET_CLASSES = ("inside", "straddles", "opens")
 """Where the answer's first token (position P, right after the prompt) falls in its segment of N tokens, r = P mod N,
 for a question of q tokens ending the prompt (see offset_class_ranges)."""
-ANSWER_OFFSETS = ("fixed", "uniform", "balanced")
-"""How PasskeyDataset places the answer within a segment (see PasskeyDataset)."""
+
+
+class AnswerOffset(StrEnum):
+    """How PasskeyDataset places the answer within a segment (data.passkey_answer_offset; see PasskeyDataset)."""
+
+    fixed = "fixed"
+    uniform = "uniform"
+    balanced = "balanced"
+
+
+ANSWER_OFFSETS = tuple(m.value for m in AnswerOffset)
 
 
 def offset_class_ranges(segment_len: int, question_len: int) -> dict[str, range]:
@@ -429,3 +449,58 @@ class PasskeyBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_config("PasskeyBatches", state, self._config())
         self.step = int(state["step"])
+
+
+@dataclass
+class PasskeyDataConfig(DataConfig):
+    """data.kind=passkey: generated passkey retrieval prompts (no download), PasskeyDataset batched."""
+
+    kind: str = "passkey"
+    passkey_digits: int = 5
+    passkey_depth_min: float = 0.0
+    passkey_depth_max: float = 1.0
+    loss_on: LossOn = LossOn.answer
+    """answer (loss on the passkey tokens only) or all (every token)."""
+    seq_len_mix: list[int] = field(default_factory=list)
+    """Each step's sequence length is drawn uniformly from these (a length curriculum by mixture); empty: always
+    seq_len. The validation stream and the evaluation's "training length" use seq_len."""
+    passkey_answer_offset: AnswerOffset = AnswerOffset.fixed
+    """Where the answer starts within its segment of model.segment_len tokens (r = P mod N, P the prompt length).
+    fixed: the prompt fills the sequence, so every answer of a length sits at one offset (the question inside the
+    answer's segment); uniform: r uniform over 0..N-1; balanced: each offset class with probability 1/3 (opens
+    r = 0: the question reachable only through memory, as at evaluation lengths like 2^k; straddles 0 < r < q;
+    inside r >= q; q the question's tokens, 37 bytes), r uniform inside it. uniform and balanced shorten the prompt
+    by up to N-1 tokens (padding after the answer, no loss), so every training length needs N-1 tokens beyond the
+    template's minimum; balanced needs N > q."""
+    passkey_haystack_scale: float = 1.0
+    """Training augmentation (1: off): each example's filler tokens are written into the memory with a
+    multiplicity c drawn log-uniformly from [1, this] (PasskeyDataset). Under the linear rule a token written with
+    weight c adds what c copies add, so short prompts present the memory states of prompts with up to this many
+    times their filler. Validation batches and evaluation prompts are never scaled."""
+    answer_weight: float = 1.0
+    """Weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.loss_on = choice(LossOn, self.loss_on, "data.loss_on")
+        self.passkey_answer_offset = choice(AnswerOffset, self.passkey_answer_offset, "data.passkey_answer_offset")
+
+    def batches(self, tokenizer: Tokenizer, rank: int, world_size: int, seed: int, validation: bool,
+                segment_len: int | None) -> BatchStream:
+        """segment_len: the model's; needed for passkey_answer_offset other than fixed."""
+        mixed = bool(self.seq_len_mix) and not validation
+        datasets = []
+        for length in self.seq_len_mix if mixed else [self.seq_len]:
+            try:
+                datasets.append(PasskeyDataset(
+                    tokenizer, length, seed, self.passkey_digits, (self.passkey_depth_min, self.passkey_depth_max),
+                    loss_on=self.loss_on.value, answer_weight=self.answer_weight,
+                    answer_offset=self.passkey_answer_offset.value,
+                    segment_len=segment_len,
+                    haystack_scale=1.0 if validation else self.passkey_haystack_scale))  # validation: real memories
+            except ValueError as error:  # name the config fields behind the dataset's arguments
+                where = "data.seq_len_mix" if mixed else "data.seq_len"
+                raise ValueError(f"passkey data with {where} length {length}, data.passkey_answer_offset="
+                                 f"{self.passkey_answer_offset.value!r}, model.segment_len={segment_len}: {error}"
+                                 ) from error
+        return PasskeyBatches(datasets, self.batch_size, rank, world_size)

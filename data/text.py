@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from data.stream import check_rank, check_state_config, derived_rng, shift_and_pad, stack_rows
+from data.config import SourceDataConfig
+from data.stream import BatchStream, check_rank, check_state_config, derived_rng, shift_and_pad, stack_rows
 from data.tokenizer import Tokenizer
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -344,3 +346,26 @@ class DocumentWindows:
             raise ValueError(f"DocumentWindows state needs {self.batch_size} cursors of 3 ints, got {rows!r}")
         self._cursors = [[int(value) for value in cursor] for cursor in rows]
         self._cached = [None] * self.batch_size
+
+
+@dataclass
+class TextDataConfig(SourceDataConfig):
+    """data.kind=text: long documents (PG19 schema) cut into training windows (DocumentWindows)."""
+
+    kind: str = "text"
+    text_field: str = "text"
+    streaming: bool = False
+    """Read data.source as a stream (datasets' streaming=True: a hub corpus such as deepmind/pg19 is never
+    downloaded in full), documents in the stream's order (no shuffle), exact resume of the stream position
+    (data/streaming.py)."""
+
+    def batches(self, tokenizer: Tokenizer, rank: int, world_size: int, seed: int, validation: bool,
+                segment_len: int | None) -> BatchStream:
+        if self.streaming:
+            from data.streaming import StreamedDocumentWindows, load_document_stream
+
+            return StreamedDocumentWindows(load_document_stream(self.source, self.split_for(validation)), tokenizer,
+                                           self.seq_len, self.batch_size, rank, world_size, text_field=self.text_field)
+        documents = load_documents(self.source, self.split_for(validation), self.text_field)
+        return DocumentWindows(documents, tokenizer, self.seq_len, self.batch_size, rank, world_size, seed,
+                               text_field=self.text_field)

@@ -19,8 +19,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+from data.passkey import check_offset_settings
+from models.config import DType
+from models.generation import GenerationConfig
+from training.config import WandbMode
 
 
 @dataclass
@@ -57,6 +59,13 @@ class PasskeyTaskConfig:
     offsets_per_class: int = 1
     """Offsets per class, evenly spread inside it (1: the class's middle offset; opens has only r = 0)."""
 
+    def __post_init__(self) -> None:
+        """Bad class names fail when the config is built (a training run's final evaluation: at its start)."""
+        try:
+            check_offset_settings(list(self.offset_classes), self.offsets_per_class)
+        except ValueError as error:
+            raise ValueError(f"offset_classes / offsets_per_class: {error}") from error
+
 
 @dataclass
 class PerplexityTaskConfig:
@@ -80,21 +89,10 @@ class PerplexityTaskConfig:
     Off by default: training streams start at a document's first token, which is context only."""
 
 
-@dataclass
-class GenerationSettings:
-    """Decoding settings; mirror models.generation.GenerationConfig. The defaults are the paper's BookSum
-    setting: sampling at temperature 0.5, top-p 0.95, 1024 steps."""
-
-    max_new_tokens: int = 1024
-    do_sample: bool = True
-    temperature: float = 0.5
-    top_k: int = 0
-    top_p: float = 0.95
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    chunk_size: int = 4096
-    seed: int = 0
-    """Example i is decoded with seed + i, so sampling is reproducible and independent of example order."""
+def paper_generation() -> GenerationConfig:
+    """The paper's BookSum decoding: sampling at temperature 0.5, top-p 0.95, 1024 steps; example i is decoded
+    with seed + i, so sampling is reproducible and independent of example order."""
+    return GenerationConfig(max_new_tokens=1024, do_sample=True, temperature=0.5, top_p=0.95, seed=0)
 
 
 @dataclass
@@ -114,7 +112,8 @@ class SummarizationTaskConfig:
     """Porter stemming in ROUGE (SCROLLS: off)."""
     sentence_split: bool = True
     """Put one sentence per line before ROUGE-Lsum."""
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    generation: GenerationConfig = field(default_factory=paper_generation)
+    """Decoding settings (models.generation.GenerationConfig)."""
 
 
 @dataclass
@@ -163,7 +162,7 @@ class MemoryProbeTaskConfig:
 
 @dataclass
 class WandbSettings:
-    mode: str = "disabled"
+    mode: WandbMode = WandbMode.disabled
     """disabled (default), offline (a local run for `wandb sync`) or online."""
     project: str = "infini-lm"
     entity: str | None = None
@@ -181,7 +180,7 @@ class EvalConfig:
     tokenizer: str | None = None
     """Override the tokenizer recorded in the checkpoint ('byte' or a local tokenizer directory)."""
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: DType = DType.float32
     """Weights and activations dtype: float32, bfloat16, float16 (the Infini memory stays float32)."""
     threads: int = 0
     """torch.set_num_threads; 0 leaves torch's default."""
@@ -191,14 +190,11 @@ class EvalConfig:
 
 
 def register_configs() -> None:
-    """Store the schemas; the yaml files under conf/eval/ extend them through their defaults lists."""
-    cs = ConfigStore.instance()
-    cs.store(name="eval_schema", node=EvalConfig)
-    cs.store(group="task", name="passkey_schema", node=PasskeyTaskConfig)
-    cs.store(group="task", name="perplexity_schema", node=PerplexityTaskConfig)
-    cs.store(group="task", name="summarization_schema", node=SummarizationTaskConfig)
-    cs.store(group="task", name="memory_footprint_schema", node=MemoryFootprintTaskConfig)
-    cs.store(group="task", name="memory_probe_schema", node=MemoryProbeTaskConfig)
+    """Store every task's schema (each task's runner registers it as task/<name>_schema when its module is
+    imported, evaluation/tasks.py); the yaml files under conf/eval/ extend them through their defaults lists."""
+    from evaluation.tasks import discover
+
+    discover()
 
 
-register_configs()
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

@@ -173,7 +173,7 @@ def infini_layers(model: Transformer) -> list[InfiniAttention]:
     layers = [layer.attention for layer in model.layers]
     if not all(isinstance(a, InfiniAttention) for a in layers):
         raise ValueError(f"memory_probe needs a model with a compressive memory (attention='infini'); this model "
-                         f"has attention={model.config.attention!r}, which keeps no memory to probe")
+                         f"has attention={str(model.config.attention)!r}, which keeps no memory to probe")
     return layers  # type: ignore[return-value]
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from data.tokenizer import ByteTokenizer, Tokenizer
 from evaluation.report import finite_or_none, write_json, write_jsonl
+from models.streaming import stream
 from models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -62,25 +63,24 @@ def stream_scores(
     (B, T) at positions >= first: returns their NLL (B, T - first) float64 on the CPU and whether each target was
     the argmax (B, T - first). Positions before `first` are context only: their logits are never computed. Memory
     is that of one chunk whatever T (with `infini` attention)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     device = model.tok_embeddings.weight.device
     B, T = inputs.shape
     nll = torch.zeros(B, T - first, dtype=torch.float64)
     greedy = torch.zeros(B, T - first, dtype=torch.bool)
-    state = None
-    for start in range(0, T, chunk_size):
-        stop = min(start + chunk_size, T)
-        h, state = model.hidden(inputs[:, start:stop].to(device), state)  # (B, C, dim)
-        lo = max(start, first)
-        if lo >= stop:
-            continue
-        logits = model.logits(h[:, lo - start :])  # (B, stop - lo, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-        chunk_targets = targets[:, lo:stop].to(device)
-        nll[:, lo - first : stop - first] = F.cross_entropy(
-            logits.transpose(1, 2), chunk_targets, reduction="none").double().cpu()  # (B, stop - lo)
-        greedy[:, lo - first : stop - first] = (logits.argmax(-1) == chunk_targets).cpu()
+
+    def step(span: slice, state):
+        h, state = model.hidden(inputs[:, span].to(device), state)  # (B, C, dim)
+        lo = max(span.start, first)
+        if lo < span.stop:  # logits only where a target is scored
+            logits = model.logits(h[:, lo - span.start :])  # (B, stop - lo, V)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+            chunk_targets = targets[:, lo : span.stop].to(device)
+            nll[:, lo - first : span.stop - first] = F.cross_entropy(
+                logits.transpose(1, 2), chunk_targets, reduction="none").double().cpu()  # (B, stop - lo)
+            greedy[:, lo - first : span.stop - first] = (logits.argmax(-1) == chunk_targets).cpu()
+        return None, state
+
+    stream(step, T, chunk_size, None)
     return nll, greedy
 
 

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from training.metrics import WandbRun
+
 
 def write_json(path: str | Path, payload: Any) -> Path:
     """Pretty JSON, keys in insertion order (the summary reads top to bottom); parent folders created."""
@@ -46,42 +48,10 @@ def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class WandbLogger:
-    """Thin optional W&B sink. mode 'disabled' (the default) never imports wandb; 'offline' writes a local run
-    that `wandb sync` can upload later; 'online' needs the user's login."""
-
-    MODES = ("disabled", "offline", "online")
-
-    def __init__(self, mode: str = "disabled", project: str = "infini-lm", name: str | None = None,
-                 entity: str | None = None, config: Mapping[str, Any] | None = None, directory: str | None = None):
-        if mode not in self.MODES:
-            raise ValueError(f"wandb mode {mode!r} is not one of {self.MODES}")
-        self.mode = mode
-        self._run = None
-        if mode != "disabled":
-            import wandb
-
-            self._wandb = wandb
-            self._run = wandb.init(mode=mode, project=project, name=name, entity=entity,
-                                   config=dict(config or {}), dir=directory, job_type="eval")
-
-    @property
-    def enabled(self) -> bool:
-        return self._run is not None
-
-    def log(self, metrics: Mapping[str, Any]) -> None:
-        if self._run is not None:
-            self._run.log(dict(metrics))
-
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        if self._run is not None:
-            self._run.log({key: self._wandb.Table(columns=columns, data=rows)})
-
-    def log_image(self, key: str, path: str | Path) -> None:
-        if self._run is not None:
-            self._run.log({key: self._wandb.Image(str(path))})
-
-    def finish(self) -> None:
-        if self._run is not None:
-            self._run.finish()
-            self._run = None
+def WandbLogger(mode: str = "disabled", project: str = "infini-lm", name: str | None = None,  # noqa: N802
+                entity: str | None = None, config: Mapping[str, Any] | None = None,
+                directory: str | None = None) -> WandbRun:
+    """The evaluation's W&B run (training.metrics.WandbRun, shared with training): mode disabled (the default)
+    never imports wandb."""
+    return WandbRun(mode, project=project, name=name, entity=entity, config=dict(config or {}), dir=directory,
+                    job_type="eval")

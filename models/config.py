@@ -3,13 +3,57 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
 
 from attention.feature_maps import FEATURE_MAPS
 from attention.rules import rule_names
 
-ATTENTION_KINDS = ("infini", "full", "local")
-ATTENTION_BACKENDS = ("auto", "sdpa", "eager", "flash")
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
+
+class AttentionKind(StrEnum):
+    """ModelConfig.attention (see the field)."""
+
+    infini = "infini"
+    full = "full"
+    local = "local"
+
+
+class AttentionBackend(StrEnum):
+    """ModelConfig.attention_backend (see the field)."""
+
+    auto = "auto"
+    sdpa = "sdpa"
+    eager = "eager"
+    flash = "flash"
+
+
+class RopeScaling(StrEnum):
+    """ModelConfig.rope_scaling (see the field; models/rope.py implements them)."""
+
+    none = "none"
+    linear = "linear"
+    ntk = "ntk"
+    yarn = "yarn"
+    llama3 = "llama3"
+
+
+class DType(StrEnum):
+    """Weight / compute dtypes by name (evaluation's `dtype`, the HF import/export and generation CLIs)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
+
+ATTENTION_KINDS = tuple(m.value for m in AttentionKind)
+ATTENTION_BACKENDS = tuple(m.value for m in AttentionBackend)
+ROPE_SCALINGS = tuple(m.value for m in RopeScaling)
 
 
 @dataclass
@@ -32,7 +76,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     """Share the token embedding matrix with the output projection."""
-    attention: str = "infini"
+    attention: AttentionKind = AttentionKind.infini
     """infini: local attention + compressive memory + gate; full: causal attention over the whole stream
     (baseline); local: attention inside each segment only, no memory (ablation)."""
     memory_update: str = "linear"
@@ -51,7 +95,7 @@ class ModelConfig:
     gate_init: float = 0.0
     """Initial gate logit beta of every head; sigmoid(0) = 0.5 mixes memory and local attention equally, so
     both paths get gradient from the first step. Large negative values start at the local-only network."""
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = AttentionBackend.auto
     """Local attention kernel: auto (flash-attn on CUDA when installed, else sdpa), sdpa, eager, flash."""
     init_std: float = 0.02
     """Std of the normal initialisation of linear and embedding weights."""
@@ -59,7 +103,7 @@ class ModelConfig:
     # RoPE context extension (models/rope.py). RoPE acts only on the local dot-product path, whose positions
     # restart at 0 in every segment, so with `infini`/`local` these knobs matter when segment_len exceeds the
     # context the RoPE was trained at; with `full` attention they matter for any stream longer than it.
-    rope_scaling: str = "none"
+    rope_scaling: RopeScaling = RopeScaling.none
     """none; linear (position interpolation, Chen et al. 2023: every frequency divided by the factor); ntk
     (NTK-aware: theta multiplied by factor^(D/(D-2)), high frequencies almost untouched); yarn (Peng et al.
     2023: NTK-by-parts interpolation plus an attention temperature); llama3 (Llama 3.1's
@@ -100,20 +144,22 @@ class ModelConfig:
             )
         for name, allowed in (
             ("attention", ATTENTION_KINDS),
-            ("memory_update", rule_names()),
+            ("memory_update", rule_names()),  # registries: a rule or feature map added at run time is a choice too
             ("memory_feature_map", tuple(FEATURE_MAPS)),
             ("attention_backend", ATTENTION_BACKENDS),
+            ("rope_scaling", ROPE_SCALINGS),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
+                raise ValueError(f"ModelConfig.{name}={str(getattr(self, name))!r} is not one of {allowed}")
+        self.attention = AttentionKind(self.attention)
+        self.attention_backend = AttentionBackend(self.attention_backend)
+        self.rope_scaling = RopeScaling(self.rope_scaling)
         for name in ("norm_eps", "rope_theta", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)!r}")
         self._validate_rope_scaling()
 
     def _validate_rope_scaling(self) -> None:
-        if self.rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
         for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                      "rope_yarn_beta_fast", "rope_yarn_beta_slow"):
             value = getattr(self, name)
@@ -132,7 +178,7 @@ class ModelConfig:
             )
         if self.rope_scaling in ("yarn", "llama3") and original is None:
             raise ValueError(
-                f"ModelConfig.rope_scaling={self.rope_scaling!r} needs rope_original_max_position_embeddings "
+                f"ModelConfig.rope_scaling={self.rope_scaling.value!r} needs rope_original_max_position_embeddings "
                 "(the context length the RoPE was trained at)"
             )
         if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from models.config import DType
+from models.streaming import stream
 from models.transformer import ModelState, Transformer, map_state
 
 
@@ -77,13 +79,14 @@ def prefill(
     state. Only the last position is projected to the vocabulary, so memory is bounded by one chunk."""
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be (batch, time) with time >= 1, got shape {tuple(tokens.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     tokens = tokens.to(model.tok_embeddings.weight.device)
-    for start in range(0, tokens.shape[1], chunk_size):
-        h, state = model.hidden(tokens[:, start : start + chunk_size], state)
-    last = h[:, -1:]  # (B, 1, dim)
-    return model.logits(last)[:, 0].float(), state
+
+    def step(span: slice, state: ModelState | None) -> tuple[Tensor, ModelState]:
+        h, state = model.hidden(tokens[:, span], state)
+        return h[:, -1:], state  # (B, 1, dim): only the last position is kept
+
+    last, state = stream(step, tokens.shape[1], chunk_size, state)
+    return model.logits(last[-1])[:, 0].float(), state
 
 
 def sampling_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=[d.value for d in DType], default="float32")
     args = parser.parse_args(argv)
 
     # bad arguments end with a usage line naming the flag, the file or the value, not a traceback
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         texts = args.prompt
     try:
-        model, meta = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+        model, meta = load_model(args.checkpoint, device=args.device, dtype=DType(args.dtype).torch)
         tokenizer = load_tokenizer(args.tokenizer or meta.get("tokenizer", "byte"))
     except (CheckpointError, OSError, ValueError) as error:
         parser.error(str(error))

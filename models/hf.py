@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.checkpoint import CheckpointError, atomic_directory, load_model, save_model
-from models.config import ModelConfig
+from models.config import ATTENTION_KINDS, DType, ModelConfig
 from models.transformer import Transformer
 
 ORIGINAL_BEHAVIOUR_GATE_LOGIT = -20.0
@@ -536,7 +536,7 @@ def export_checkpoint(model_directory: str | Path, hf_directory: str | Path, dty
 
 # -------------------------------------------------------------------------------------------------- CLI
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {d.value: d.torch for d in DType}
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
     imp = sub.add_parser("import", help="Hugging Face Llama directory -> our model directory")
     imp.add_argument("hf_directory")
     imp.add_argument("output_directory")
-    imp.add_argument("--attention", choices=("infini", "full", "local"), default=None)
+    imp.add_argument("--attention", choices=ATTENTION_KINDS, default=None)
     imp.add_argument("--memory-update", default=None, help="a memory rule (ModelConfig.memory_update); the config "
                      "names the allowed ones if it is not one")
     imp.add_argument("--segment-len", type=int, default=None)

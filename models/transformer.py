@@ -10,29 +10,17 @@ The streaming state is explicit (a tuple with one AttentionState per layer) and 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from attention.infini import AttentionState, CausalSelfAttention, InfiniAttention
-from attention.memory import Memory
+from attention.infini import CausalSelfAttention, InfiniAttention
 from models.config import ModelConfig
 from models.layers import DecoderBlock, RMSNorm
 from models.rope import RotaryEmbedding
-
-ModelState = tuple[AttentionState, ...]
-
-# On CPU, hidden() feeds long segmented inputs through the stack in chunks of whole segments whose largest
-# activation stays under this many bytes. glibc serves blocks above its mmap threshold (adaptive, at most 32 MiB
-# on 64-bit Linux) with fresh mappings, so every activation of a 32K-token batch was fresh pages faulted in and
-# unmapped again; chunks of blocks that the heap can reuse ran a 32K-token training step (benchmark shape) in
-# ~25 s instead of ~45 s. The numbers are those of one pass over the whole input: chunking a stream changes
-# nothing (the chunking-invariance tests), it only trades the parallel prefix sum across all segments for a few
-# sequential chunks. Not used for `full` attention (each chunk would re-read the whole growing key cache) nor on
-# accelerators (caching allocators, and wide batched kernels want the whole input).
-CPU_CHUNK_BYTES = 32 * 2**20
+from models.state import ModelState, detach_state, map_state  # noqa: F401  (re-exported)
+from models.streaming import cpu_chunk_len, stream
 
 
 class TransformerOutput(NamedTuple):
@@ -115,11 +103,12 @@ class Transformer(nn.Module):
         chunk = self._cpu_chunk_len(tokens)
         if chunk is None:
             return self._hidden(tokens, state, write_scale)
-        hidden = []
-        for start in range(0, tokens.shape[1], chunk):  # chunks of whole segments: write_scale stays valid
-            scale = None if write_scale is None else write_scale[..., start : start + chunk]
-            h, state = self._hidden(tokens[:, start : start + chunk], state, scale)
-            hidden.append(h)
+
+        def step(span: slice, state: ModelState | None) -> tuple[Tensor, ModelState]:
+            # chunks of whole segments: write_scale stays valid
+            return self._hidden(tokens[:, span], state, None if write_scale is None else write_scale[..., span])
+
+        hidden, state = stream(step, tokens.shape[1], chunk, state)
         return torch.cat(hidden, dim=1), state
 
     def _hidden(self, tokens: Tensor, state: ModelState | None, write_scale: Tensor | None = None
@@ -133,19 +122,8 @@ class Transformer(nn.Module):
         return h, tuple(new_state)
 
     def _cpu_chunk_len(self, tokens: Tensor) -> int | None:
-        """Tokens per chunk for hidden() (a multiple of segment_len), or None to run the input in one pass; see
-        CPU_CHUNK_BYTES."""
-        cfg = self.config
-        if cfg.attention == "full" or tokens.device.type != "cpu" or torch.compiler.is_compiling():
-            return None
-        B, T = tokens.shape
-        width = max(cfg.dim, cfg.ffn_dim, cfg.n_heads * (cfg.head_dim + 1))  # widest activation per token
-        bytes_per_segment = B * cfg.segment_len * width * self.tok_embeddings.weight.element_size()
-        most = max(1, CPU_CHUNK_BYTES // bytes_per_segment)  # segments per chunk at most
-        segments = -(-T // cfg.segment_len)
-        if segments <= most:
-            return None
-        return -(-segments // -(-segments // most)) * cfg.segment_len  # chunks of (nearly) equal length
+        """Tokens per chunk for hidden(), or None for one pass (models/streaming.py cpu_chunk_len)."""
+        return cpu_chunk_len(self.config, tokens, self.tok_embeddings.weight.element_size())
 
     def logits(self, h: Tensor) -> Tensor:
         """Hidden states (..., dim) -> logits (..., vocab_size)."""
@@ -165,16 +143,3 @@ class Transformer(nn.Module):
         """sigmoid(beta): (n_layers, n_heads) share of memory in each head's output, or None without memory."""
         logits = [layer.attention.gate_logit for layer in self.layers if isinstance(layer.attention, InfiniAttention)]
         return torch.sigmoid(torch.stack(logits)).detach() if logits else None
-
-
-def map_state(state: ModelState, fn: Callable[[Tensor], Tensor]) -> ModelState:
-    """Apply fn to every tensor of a state (detach, index_select for beams, .to(device), ...)."""
-    return tuple(
-        AttentionState(fn(s.keys), fn(s.values), None if s.memory is None else Memory(*map(fn, s.memory)))
-        for s in state
-    )
-
-
-def detach_state(state: ModelState) -> ModelState:
-    """Cut back-propagation through time at this point of the stream (truncated BPTT)."""
-    return map_state(state, Tensor.detach)

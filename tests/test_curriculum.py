@@ -151,7 +151,8 @@ def test_max_steps_must_equal_the_sum_of_the_stages_steps(tmp_path):
 
 BAD_STAGES = {  # the second stage of a run whose first stage is {steps:1}: (stage, the error it gives)
     "misspelt data key": ("{steps:2,name:long,data:{seq_lenn:512}}",
-                          r"trainer.stages\[1\] \('long'\).data.seq_lenn=512: Key 'seq_lenn' not in 'DataConfig'"),
+                          r"trainer.stages\[1\] \('long'\).data.seq_lenn=512: Key 'seq_lenn' not in "
+                          r"'PasskeyDataConfig'"),
     "mistyped data value": ("{steps:2,data:{batch_size:many}}",
                             r"trainer.stages\[1\] \('stage1'\).data.batch_size='many': Value 'many'"),
     "misspelt optim key": ("{steps:2,optim:{lrr:0.1}}",

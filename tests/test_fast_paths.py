@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models.transformer as transformer_module
+import models.streaming as streaming
 from attention.feature_maps import EluPlusOne
-from attention.memory import feature_map
+from attention.reference import feature_map
 from models import ModelConfig, Transformer
 from models.layers import RMSNorm, SwiGLU, _RMSNormFunction, rms_norm_reference, swiglu_reference
 from models.rope import RopeScaling, RotaryEmbedding, rotate_half
@@ -135,7 +135,7 @@ def test_cpu_chunking_of_long_inputs_equals_one_pass(monkeypatch, attention, upd
     tokens = torch.randint(0, 32, (2, 8 * 7 + 3))  # 7 segments and a partial one
 
     def run(chunk_bytes):
-        monkeypatch.setattr(transformer_module, "CPU_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(streaming, "CPU_CHUNK_BYTES", chunk_bytes)
         model.zero_grad(set_to_none=True)
         out = model(tokens)
         (out.logits.square().mean() + sum(s.memory.matrix.sum() for s in out.state if s.memory is not None)
@@ -144,8 +144,8 @@ def test_cpu_chunking_of_long_inputs_equals_one_pass(monkeypatch, attention, upd
 
     bytes_per_segment = 2 * 8 * max(config.dim, config.ffn_dim, 4 * 5) * 8
     assert model._cpu_chunk_len(tokens) is None
-    whole, whole_grads = run(transformer_module.CPU_CHUNK_BYTES)
-    monkeypatch.setattr(transformer_module, "CPU_CHUNK_BYTES", 3 * bytes_per_segment)
+    whole, whole_grads = run(streaming.CPU_CHUNK_BYTES)
+    monkeypatch.setattr(streaming, "CPU_CHUNK_BYTES", 3 * bytes_per_segment)
     assert model._cpu_chunk_len(tokens) == 3 * 8  # 8 segments -> chunks of 3, 3, 2
     chunked, chunked_grads = run(3 * bytes_per_segment)
     torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-10, atol=1e-12)

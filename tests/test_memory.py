@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from attention.memory import (
-    Memory,
-    delta_update,
-    feature_map,
-    linear_update,
-    retrieve,
-    segment_memories,
-)
+from attention.memory import Memory, segment_memories
+from attention.reference import delta_update, feature_map, linear_update, retrieve
 
 
 @pytest.fixture(autouse=True)

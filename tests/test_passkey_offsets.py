@@ -23,8 +23,10 @@ from data.passkey import (
     offset_class_ranges,
     random_passkey,
 )
+from data.passkey import PasskeyDataConfig as DataConfig
 from data.stream import derived_rng, shift_and_pad
 from data.tokenizer import ByteTokenizer
+from evaluation.config import PasskeyTaskConfig
 from evaluation.passkey import (
     compact_table,
     evaluate_passkey,
@@ -35,7 +37,6 @@ from evaluation.passkey import (
 )
 from evaluation.report import read_jsonl
 from models import ModelConfig, Transformer
-from training.config import DataConfig, EvalConfig
 from training.data import build_data
 
 TOKENIZER = ByteTokenizer()
@@ -139,10 +140,10 @@ def test_bad_offset_settings_are_named():
         prompt_lengths([512], 16, Q, ["inside"])
     with pytest.raises(ValueError, match="500 and 512 both round to 512 tokens"):
         prompt_lengths([500, 512], 64, Q)
-    with pytest.raises(ValueError, match=r"evaluation.offset_classes.*\['opening'\]"):
-        EvalConfig(offset_classes=["opening"])
-    with pytest.raises(ValueError, match="evaluation.offsets_per_class.*got 0"):
-        EvalConfig(offsets_per_class=0)
+    with pytest.raises(ValueError, match=r"offset_classes / offsets_per_class.*\['opening'\]"):
+        PasskeyTaskConfig(offset_classes=["opening"])
+    with pytest.raises(ValueError, match="offsets_per_class.*got 0"):
+        PasskeyTaskConfig(offsets_per_class=0)
 
 
 def fake_generate(segment_len: int):
@@ -356,7 +357,7 @@ def test_haystack_spans_and_write_scale_augmentation():
     assert "write_scale" not in PasskeyDataset(tokenizer, 512, seed=3)[0]
     with pytest.raises(ValueError, match="haystack_scale must be >= 1"):
         PasskeyDataset(tokenizer, 512, seed=3, haystack_scale=0.5)
-    from training.config import DataConfig
+    from data.passkey import PasskeyDataConfig as DataConfig
     from training.data import build_data
 
     config = DataConfig(seq_len=512, batch_size=2, passkey_haystack_scale=8.0)

@@ -319,7 +319,7 @@ def test_sigterm_during_the_final_evaluation_stops_it_cleanly(tmp_path, monkeypa
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "forward", signal_in_evaluation)
-    final = ("evaluation.final_passkey_lengths=[256]", "evaluation.final_passkey_trials=1")
+    final = ("evaluation.final=[{task: passkey, lengths: [256], depths: [0.5], trials: 1}]",)
     summary = train.train(smoke(tmp_path, *final))
     monkeypatch.undo()
     assert sent and summary["stopped_by_signal"] and summary["step"] == 3 and "passkey" not in summary
@@ -410,7 +410,7 @@ def test_data_errors_name_the_file_or_the_value(tmp_path, monkeypatch):
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match=rf"data source '{re.escape(str(empty))}': the file is empty or only "
                                          "whitespace"):
-        train.train(smoke(tmp_path / "run", "data.kind=text", f"data.source={empty}", "data.val_split=null"))
+        train.train(smoke(tmp_path / "run", "data=pg19", f"data.source={empty}", "data.val_split=null"))
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'mybooks' on the Hub")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 import train
 from data.streaming import StreamedDocumentWindows, load_document_stream
@@ -87,7 +88,7 @@ def test_bad_input_is_named(corpus):
 
 
 def test_training_with_a_streamed_corpus_resumes_exactly(corpus, tmp_path):
-    extra = ["data.kind=text", f"data.source={corpus}", "data.streaming=true", "data.seq_len=64",
+    extra = ["data=pg19", f"data.source={corpus}", "data.streaming=true", "data.seq_len=64",
              "model.segment_len=32", "trainer.carry_state=true", "trainer.max_steps=6"]
 
     def run(run_dir: Path, *more: str):
@@ -101,5 +102,6 @@ def test_training_with_a_streamed_corpus_resumes_exactly(corpus, tmp_path):
     resumed = run(tmp_path / "run")
     assert resumed["resumed_from"].endswith("step_00000003")
     assert [resumed["losses"][s] for s in (4, 5, 6)] == [full["losses"][s] for s in (4, 5, 6)]
-    with pytest.raises(ValueError, match="data.kind=text only"):
-        run(tmp_path / "bad", "data.kind=booksum")
+    with pytest.raises(ConfigCompositionException, match="data.streaming"):  # a field of the text kind only
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            compose("train", overrides=["debug=smoke", "data=booksum", "data.streaming=true"])

@@ -105,8 +105,8 @@ def test_smoke_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
 
 
 def test_periodic_evaluation_logs_validation_and_passkey(tmp_path):
-    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2", "evaluation.passkey_lengths=[256]",
-                      "evaluation.passkey_depths=[0.5]", "evaluation.passkey_trials=1"))
+    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2",
+                      "evaluation.periodic=[{task: passkey, lengths: [256], depths: [0.5], trials: 1}]"))
     (record,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
     assert record["step"] == 2 and record["val/perplexity"] == pytest.approx(math.exp(record["val/loss"]))
     classes = [record[f"val/passkey_exact/256/{c}"] for c in ("inside", "straddles", "opens")]
@@ -116,14 +116,16 @@ def test_periodic_evaluation_logs_validation_and_passkey(tmp_path):
 
 
 def test_probe_metrics_during_and_after_training_and_the_longest_training_length(tmp_path):
-    """evaluation.probe_lengths logs the memory probe's needle share at each periodic evaluation (the values a
-    direct probe of the same weights gives); final_probe_lengths writes the full probe; passkey tables count
+    """A periodic memory_probe task logs the needle share at each periodic evaluation (the values a direct probe of
+    the same weights gives); a final one labelled probe writes the full probe to <run_dir>/probe; passkey tables count
     multiples of the longest training sequence, stages included."""
     from evaluation.memory_probe import needle_share_summary, probe_memory
     from training.stages import longest_training_length
 
-    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2", "evaluation.passkey_lengths=[]",
-                      "evaluation.probe_lengths=[256]", "evaluation.final_probe_lengths=[256]"))
+    probe = "task: memory_probe, lengths: [256], depths: [0.0, 0.5, 1.0], seed: 1234"
+    train.train(smoke(tmp_path, "trainer.eval_every=2", "trainer.max_steps=2",
+                      f"evaluation.periodic=[{{{probe}, trials: 1, knockouts: false, segment_curve: false}}]",
+                      f"evaluation.final=[{{{probe}, label: probe}}]"))
     (record,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
     model = load_model(latest_checkpoint(tmp_path))[0].eval()
     direct = needle_share_summary(probe_memory(model, load_tokenizer("byte"), [256], (0.0, 0.5, 1.0), 1, 1234,
@@ -189,7 +191,7 @@ def write_documents(path: Path, n: int = 12) -> Path:
 
 def test_resume_with_document_stream_and_carried_memory(tmp_path):
     docs = write_documents(tmp_path / "docs")
-    extra = ["data.kind=text", f"data.source={docs}", "data.val_split=null", "data.seq_len=128",
+    extra = ["data=pg19", f"data.source={docs}", "data.val_split=null", "data.seq_len=128",
              "model.segment_len=32", "trainer.carry_state=true", "trainer.tbptt_segments=2",
              "trainer.max_steps=8"]
     full = train.train(smoke(tmp_path / "full", *extra))
@@ -250,9 +252,9 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path):
 def test_missing_data_path_gives_a_clear_error(tmp_path):
     missing = tmp_path / "no_such_dir"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        train.train(smoke(tmp_path, "data.kind=text", f"data.source={missing}"))
+        train.train(smoke(tmp_path, "data=pg19", f"data.source={missing}"))
     with pytest.raises(ValueError, match="needs data.source"):
-        train.train(smoke(tmp_path, "data.kind=text"))
+        train.train(smoke(tmp_path, "data=pg19", "data.source=null"))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -303,16 +305,6 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
         assert [n for n, _ in model.named_parameters()] == list(grads[0])  # names unchanged
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-8)
-
-
-def test_reset_rows_empties_only_new_documents():
-    model = Transformer(train.to_train_config(smoke(Path("/unused")))[0].model)
-    state = model(fixed_batch(3, 256)["tokens"][:, :128]).state
-    reset = train.reset_rows(state, torch.tensor([False, True, False]))
-    for before, after in zip(state, reset):
-        assert torch.equal(after.memory.matrix[1], torch.zeros_like(after.memory.matrix[1]))
-        assert torch.equal(after.memory.norm[1], torch.zeros_like(after.memory.norm[1]))
-        assert torch.equal(after.memory.matrix[[0, 2]], before.memory.matrix[[0, 2]])
 
 
 def test_parameter_groups_and_schedule():

@@ -7,79 +7,68 @@ at compose time with Hydra's message (e.g. "Key 'lrr' not in 'OptimConfig'"). Ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data.passkey import check_offset_settings
+from data.booksum import BooksumDataConfig
+from data.config import DataConfig, choice
+from data.passkey import PasskeyDataConfig
+from data.text import TextDataConfig
 from models.config import ModelConfig
 from training.lora import LoraConfig
 
+DATA_SCHEMAS: tuple[type[DataConfig], ...] = (PasskeyDataConfig, TextDataConfig, BooksumDataConfig)
+"""The data kinds: each schema is registered as data/<kind>_schema, which conf/data/*.yaml files extend. A new
+kind adds its schema (a DataConfig subclass with its loader, in data/<kind>.py) here."""
 
-@dataclass
-class DataConfig:
-    kind: str = "passkey"
-    """passkey (generated, no download) | text (PG19-style documents) | booksum (summarization fine-tuning)."""
-    tokenizer: str = "byte"
-    """'byte' (UTF-8 bytes, vocab 256) or a local Hugging Face tokenizer directory."""
-    seq_len: int = 512
-    """Tokens per training sequence (the training length; segments of model.segment_len inside it)."""
-    batch_size: int = 8
-    """Sequences per process and micro-step; the global batch is batch_size * world_size * grad_accum."""
-    seed: int = 0
-    # passkey
-    passkey_digits: int = 5
-    passkey_depth_min: float = 0.0
-    passkey_depth_max: float = 1.0
-    loss_on: str = "answer"
-    """passkey: 'answer' (loss on the passkey tokens only) or 'all' (every token)."""
-    seq_len_mix: list[int] = field(default_factory=list)
-    """passkey: each step's sequence length is drawn uniformly from these (a length curriculum by mixture);
-    empty: always seq_len. The validation stream and the evaluation's "training length" use seq_len."""
-    passkey_answer_offset: str = "fixed"
-    """passkey: where the answer starts within its segment of model.segment_len tokens (r = P mod N, P the
-    prompt length). fixed: the prompt fills the sequence, so every answer of a length sits at one offset (the
-    question inside the answer's segment); uniform: r uniform over 0..N-1; balanced: each offset class with
-    probability 1/3 (opens r = 0: the question reachable only through memory, as at evaluation lengths like 2^k;
-    straddles 0 < r < q; inside r >= q; q the question's tokens, 37 bytes), r uniform inside it. uniform and
-    balanced shorten the prompt by up to N-1 tokens (padding after the answer, no loss), so every training length
-    needs N-1 tokens beyond the template's minimum; balanced needs N > q."""
-    passkey_haystack_scale: float = 1.0
-    """passkey, training augmentation (1: off): each example's filler tokens are written into the memory with a
-    multiplicity c drawn log-uniformly from [1, this] (data/passkey.py, PasskeyDataset). Under the linear rule a
-    token written with weight c adds what c copies add, so short prompts present the memory states of prompts with
-    up to this many times their filler. Validation batches and evaluation prompts are never scaled."""
-    answer_weight: float = 1.0
-    """passkey: weight of the answer tokens in the loss (with loss_on=all: > 1 keeps them from drowning)."""
-    # text and booksum
-    source: str | None = None
-    """Hub dataset name (e.g. deepmind/pg19) or local file / directory / glob (.txt, .jsonl, .parquet)."""
-    split: str = "train"
-    val_split: str | None = "validation"
-    """Split for validation loss; None: validate on held-out batches of the training stream's generator."""
-    text_field: str = "text"
-    streaming: bool = False
-    """text: read data.source as a stream (datasets' streaming=True: a hub corpus such as deepmind/pg19 is never
-    downloaded in full), documents in the stream's order (no shuffle), exact resume of the stream position
-    (data/streaming.py)."""
-    booksum_level: str = "book"
-    """booksum: 'book' (abertsch/booksum-fullbooks schema) or 'chapter' (kmfoda/booksum schema)."""
-    max_input_tokens: int = 32768
-    """booksum: the document is truncated to this many tokens before the summary prompt."""
-    overfit_batches: int = 0
-    """Debugging: train on the first this many batches over and over (0: off)."""
+
+class Optimizer(StrEnum):
+    adamw = "adamw"
+    adafactor = "adafactor"
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Parallel(StrEnum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    none = "none"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Optimizer = Optimizer.adamw
     """adamw | adafactor (the paper's optimizer; torch.optim.Adafactor)."""
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr * min_lr_ratio."""
     warmup_steps: int = 100
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     """cosine (linear warmup, then cosine to min_lr_ratio at trainer.max_steps) | constant (after warmup)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -95,6 +84,10 @@ class OptimConfig:
     "layers.*.attention.wk.weight"; `*` also matches dots) moved to the no-decay group: matrices that should not
     be pulled towards zero. A pattern that matches no parameter is an error (a misspelt name would otherwise
     silently decay what it meant to spare)."""
+
+    def __post_init__(self) -> None:
+        self.name = choice(Optimizer, self.name, "optim.name")
+        self.schedule = choice(Schedule, self.schedule, "optim.schedule")
 
 
 SCHEDULE_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "schedule")
@@ -138,11 +131,11 @@ class TrainerConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
-    device: str = "auto"
+    device: Device = Device.auto
     """auto (cuda if available, else cpu) | cpu | cuda."""
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
-    parallel: str = "auto"
+    parallel: Parallel = Parallel.auto
     """Under torchrun: auto (ddp) | ddp | fsdp (FSDP2 fully_shard per block) | none."""
     tbptt_segments: int = 0
     """Back-propagation through time is truncated every this many segments (memory detached, backward run per
@@ -182,6 +175,11 @@ class TrainerConfig:
     learning-rate schedule (see StageConfig); max_steps must equal the sum of their steps. Empty: one stage of
     max_steps on data.* and optim.* as given."""
 
+    def __post_init__(self) -> None:
+        self.device = choice(Device, self.device, "trainer.device")
+        self.precision = choice(Precision, self.precision, "trainer.precision")
+        self.parallel = choice(Parallel, self.parallel, "trainer.parallel")
+
 
 @dataclass
 class LoggerConfig:
@@ -192,45 +190,26 @@ class LoggerConfig:
     group: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
-    mode: str = "offline"
+    mode: WandbMode = WandbMode.offline
     """offline (default: files in the run directory, `wandb sync` later) | online | disabled."""
+
+    def __post_init__(self) -> None:
+        self.mode = choice(WandbMode, self.mode, "logger.mode")
 
 
 @dataclass
 class EvalConfig:
-    passkey_lengths: list[int] = field(default_factory=lambda: [512, 2048])
-    """Quick passkey check during training (token lengths; one prompt length per offset class each, see
-    offset_classes)."""
-    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    passkey_trials: int = 2
-    final_passkey_lengths: list[int] = field(default_factory=list)
-    """Passkey evaluation after training (table, JSON, heat map in <run_dir>/passkey); empty: skip."""
-    final_passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    final_passkey_trials: int = 4
-    offset_classes: list[str] = field(default_factory=lambda: ["inside", "straddles", "opens"])
-    """Both passkey evaluations report each length per class of where the answer starts in its segment (inside,
-    straddles, opens; evaluation/passkey.py): length L runs at P = N * round(L / N) + r for each class listed
-    (N = model.segment_len; a class empty for N is skipped with a note). Ignored for model.attention=full, whose
-    lengths are used as given. Each class adds a prompt per (length, depth, trial)."""
-    offsets_per_class: int = 1
-    """Offsets per class, evenly spread inside it (1: the class's middle offset; opens has only r = 0)."""
-    chunk_size: int = 4096
-    """Prompts are streamed through the model in chunks of this many tokens."""
-    seed: int = 1234
-    probe_lengths: list[int] = field(default_factory=list)
-    """`infini` models: at every periodic evaluation, the memory probe's needle share of the read weight and
-    filler-to-needle ratio at these prompt lengths (evaluation/memory_probe.py; depths 0, 0.5, 1, one trial, no
-    knock-outs), logged as probe/needle_share/<length>/...; empty: off."""
-    final_probe_lengths: list[int] = field(default_factory=list)
-    """`infini` models: after training, the full memory probe (knock-outs included) at these lengths, written to
-    <run_dir>/probe (memory_probe.json/.md/.png); empty: off."""
+    """Evaluations during and after training: lists of tasks of the evaluation registry (evaluation/tasks.py, the
+    tasks of `python -m evaluation task=...`), each entry {task: <name>, <field>: <value>, ...} a task's schema
+    defaults (evaluation/config.py) with these fields, plus an optional `label`. Checked at train start."""
 
-    def __post_init__(self) -> None:
-        """Bad class names fail when the config is built, not after training."""
-        try:
-            check_offset_settings(list(self.offset_classes), self.offsets_per_class)
-        except ValueError as error:
-            raise ValueError(f"evaluation.offset_classes / evaluation.offsets_per_class: {error}") from error
+    periodic: list[dict[str, Any]] = field(default_factory=list)
+    """Run at every periodic evaluation (trainer.eval_every) on the model in training, after the validation loss;
+    their metrics go into the same record (passkey: val/passkey_exact, val/passkey_exact/<length>[/<class>];
+    memory_probe: probe/needle_share/<length>/...). No files."""
+    final: list[dict[str, Any]] = field(default_factory=list)
+    """Run after the last step: tables printed, files in <run_dir>/<label> (label: the task's name unless given),
+    metrics logged at the last step (passkey/exact/<length>[/<class>], probe/...)."""
 
 
 @dataclass
@@ -248,9 +227,12 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas: train.yaml extends `train_schema`; each group file extends its group's `schema`."""
+    """Register the schemas: train.yaml extends `train_schema`; the group files are typed by their field of
+    TrainConfig, except data files, which extend their kind's schema (`<kind>_schema`)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for group, node in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
-                        ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+    for group, node in (("model", ModelConfig), ("optim", OptimConfig), ("trainer", TrainerConfig),
+                        ("logger", LoggerConfig)):
         cs.store(group=group, name="schema", node=node)
+    for schema in DATA_SCHEMAS:  # data/*.yaml name their kind's schema: `defaults: [<kind>_schema]`
+        cs.store(group="data", name=f"{schema.kind}_schema", node=schema)

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor
 
+from data.config import DataConfig
 from data.stream import BatchStream
 from data.tokenizer import Tokenizer
-from training.config import DataConfig
 
 VALIDATION_SEED_OFFSET = 1_000_003
 
@@ -37,53 +37,11 @@ class RepeatBatches:
 
 def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int, validation: bool = False,
                segment_len: int | None = None) -> BatchStream:
-    """The training stream of this rank (or, with validation=True, a disjoint stream for validation loss).
-    segment_len: the model's (model.segment_len); passkey data needs it for data.passkey_answer_offset other than
-    fixed, which places each answer at an offset within a segment."""
+    """The training stream of this rank (or, with validation=True, a disjoint stream for validation loss), built by
+    the data kind's schema (cfg.batches). segment_len: the model's (model.segment_len); passkey data needs it for
+    data.passkey_answer_offset other than fixed, which places each answer at an offset within a segment."""
     seed = cfg.seed + (VALIDATION_SEED_OFFSET if validation else 0)
-    if cfg.kind == "passkey":
-        from data.passkey import PasskeyBatches, PasskeyDataset
-
-        mixed = bool(cfg.seq_len_mix) and not validation
-        lengths = cfg.seq_len_mix if mixed else [cfg.seq_len]
-        datasets = []
-        for length in lengths:
-            try:
-                datasets.append(PasskeyDataset(
-                    tokenizer, length, seed, cfg.passkey_digits, (cfg.passkey_depth_min, cfg.passkey_depth_max),
-                    loss_on=cfg.loss_on, answer_weight=cfg.answer_weight, answer_offset=cfg.passkey_answer_offset,
-                    segment_len=segment_len,
-                    haystack_scale=1.0 if validation else cfg.passkey_haystack_scale))  # validation: real memories
-            except ValueError as error:  # name the config fields behind the dataset's arguments
-                where = "data.seq_len_mix" if mixed else "data.seq_len"
-                raise ValueError(f"passkey data with {where} length {length}, data.passkey_answer_offset="
-                                 f"{cfg.passkey_answer_offset!r}, model.segment_len={segment_len}: {error}") from error
-        stream = PasskeyBatches(datasets, cfg.batch_size, rank, world_size)
-    elif cfg.kind in ("text", "booksum"):
-        if cfg.source is None:
-            raise ValueError(f"data.kind={cfg.kind!r} needs data.source (a hub dataset name or local files)")
-        split = cfg.val_split if validation and cfg.val_split is not None else cfg.split
-        if cfg.streaming and cfg.kind != "text":
-            raise ValueError(f"data.streaming=true reads data.kind=text only, not {cfg.kind!r}")
-        if cfg.kind == "text" and cfg.streaming:
-            from data.streaming import StreamedDocumentWindows, load_document_stream
-
-            stream = StreamedDocumentWindows(load_document_stream(cfg.source, split), tokenizer, cfg.seq_len,
-                                             cfg.batch_size, rank, world_size, text_field=cfg.text_field)
-        elif cfg.kind == "text":
-            from data.text import DocumentWindows, load_documents
-
-            documents = load_documents(cfg.source, split, cfg.text_field)
-            stream = DocumentWindows(documents, tokenizer, cfg.seq_len, cfg.batch_size, rank, world_size, seed,
-                                     text_field=cfg.text_field)
-        else:
-            from data.booksum import SummarizationBatches, load_booksum
-
-            examples = load_booksum(cfg.source, split, cfg.booksum_level)
-            stream = SummarizationBatches(examples, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_input_tokens,
-                                          rank, world_size, seed)
-    else:
-        raise ValueError(f"data.kind={cfg.kind!r} is not one of ('passkey', 'text', 'booksum')")
+    stream = cfg.batches(tokenizer, rank, world_size, seed, validation, segment_len)
     if cfg.overfit_batches > 0 and not validation:
         return RepeatBatches(stream, cfg.overfit_batches)
     return stream

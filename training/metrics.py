@@ -14,21 +14,63 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from training.config import LoggerConfig
+from data.config import choice
+from training.config import LoggerConfig, WandbMode
 
 WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+class WandbRun:
+    """The optional W&B sink of training (MetricsLogger) and evaluation (`python -m evaluation`). mode disabled
+    never imports wandb; offline writes a local run that `wandb sync` can upload later; online needs a login.
+    init: the keyword arguments of wandb.init besides mode (project, name, config, dir, id, ...)."""
+
+    def __init__(self, mode: str = "disabled", **init: Any):
+        self.mode = choice(WandbMode, mode, "wandb mode").value
+        self._run = None
+        if self.mode != "disabled":
+            import wandb
+
+            self._wandb = wandb
+            self._run = wandb.init(mode=self.mode, **init)
+
+    @property
+    def enabled(self) -> bool:
+        return self._run is not None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._run is not None:
+            self._run.log(dict(metrics), step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
+        if self._run is not None:
+            self._run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
+        if self._run is not None:
+            self._run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def finish(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
 
 
 class MetricsLogger:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any], enabled: bool, name: str):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.wandb_run = None
+        self.wandb = WandbRun()
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.wandb and cfg.mode != "disabled":
-            self.wandb_run = _init_wandb(cfg, run_dir, run_config, name)
+            id_file = run_dir / WANDB_ID_FILE  # the same W&B run continues on resume
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+            self.wandb = WandbRun(cfg.mode, project=cfg.project, entity=cfg.entity, group=cfg.group,
+                                  name=cfg.name or name, tags=list(cfg.tags), dir=str(run_dir), id=run_id,
+                                  resume="allow", config=run_config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -36,19 +78,13 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self.wandb.log(metrics, step)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        if self.enabled and self.wandb_run is not None:
-            import wandb
-
-            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+        self.wandb.log_image(key, path, step)
 
     def finish(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        self.wandb.finish()
 
 
 def _plain(value: Any) -> Any:
@@ -57,20 +93,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf
     return value
-
-
-def _init_wandb(cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any], name: str):
-    if cfg.mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"logger.mode={cfg.mode!r} is not one of ('offline', 'online', 'disabled')")
-    import wandb
-
-    id_file = run_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
-    return wandb.init(
-        project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or name, tags=list(cfg.tags),
-        mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow", config=run_config,
-    )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

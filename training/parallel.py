@@ -48,8 +48,6 @@ def init_runtime(cfg: TrainerConfig) -> Runtime:
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"trainer.device={cfg.device!r} is not one of ('auto', 'cpu', 'cuda')")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but CUDA is not available")
@@ -58,8 +56,6 @@ def init_runtime(cfg: TrainerConfig) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():  # MASTER_ADDR / MASTER_PORT from torchrun or the launcher
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"trainer.precision={cfg.precision!r} is not one of ('auto', 'fp32', 'bf16')")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
     return Runtime(rank, world_size, local_rank, device, torch.bfloat16 if bf16 else None)
 
@@ -73,8 +69,6 @@ def parallelize(model: Transformer, cfg: TrainerConfig, runtime: Runtime) -> nn.
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         if cfg.compile:
             block.compile()
-    if cfg.parallel not in ("auto", "ddp", "fsdp", "none"):
-        raise ValueError(f"trainer.parallel={cfg.parallel!r} is not one of ('auto', 'ddp', 'fsdp', 'none')")
     if not runtime.distributed or cfg.parallel == "none":
         return model
     if cfg.parallel == "fsdp":
