@@ -9,6 +9,7 @@ each extend one of the task schemas below, so a misspelt or mistyped key fails w
     python -m evaluation task=booksum_paper checkpoint=runs/big
     python -m evaluation task=memory_footprint
     python -m evaluation task=memory_probe checkpoint=runs/tiny
+    python -m evaluation task=mqar checkpoint=runs/mqar task.num_pairs=[4,8,16,32]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe")
+TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe", "mqar")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -199,6 +200,9 @@ def register_configs() -> None:
     cs.store(group="task", name="summarization_schema", node=SummarizationTaskConfig)
     cs.store(group="task", name="memory_footprint_schema", node=MemoryFootprintTaskConfig)
     cs.store(group="task", name="memory_probe_schema", node=MemoryProbeTaskConfig)
+    from evaluation.mqar import MQARTaskConfig  # the new tasks' schemas live with their code
+
+    cs.store(group="task", name="mqar_schema", node=MQARTaskConfig)
 
 
 register_configs()

@@ -171,12 +171,30 @@ def _run_memory_probe(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dic
     return results.summary()
 
 
+def _run_mqar(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dict[str, Any]:
+    from data.mqar import MQARConfig
+    from evaluation import mqar
+
+    task = cfg.task
+    model, _, _ = load_for_eval(cfg)
+    data = MQARConfig(vocab_size=task.vocab_size, num_pairs=list(task.num_pairs), num_queries=task.num_queries,
+                      placement=task.placement, power_a=task.power_a)
+    results = mqar.evaluate_mqar(model, data, list(task.seq_lens), task.examples, task.seed, task.batch_size,
+                                 task.chunk_size)
+    paths = mqar.write_outputs(results, out_dir, Path(str(cfg.checkpoint)).name)
+    print(paths["table"].read_text())
+    wandb.log({"mqar/accuracy": results.mean(), **{f"mqar/pairs/{n}": v for n, v in results.per_pairs().items()}})
+    wandb.log_image("mqar/capacity", paths["plot"])
+    return results.summary()
+
+
 RUNNERS = {
     "passkey": _run_passkey,
     "perplexity": _run_perplexity,
     "summarization": _run_summarization,
     "memory_footprint": _run_memory_footprint,
     "memory_probe": _run_memory_probe,
+    "mqar": _run_mqar,
 }
 
 

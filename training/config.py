@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from data.mqar import MQARConfig
 from data.passkey import check_offset_settings
 from models.config import ModelConfig
 
@@ -19,7 +20,8 @@ from models.config import ModelConfig
 @dataclass
 class DataConfig:
     kind: str = "passkey"
-    """passkey (generated, no download) | text (PG19-style documents) | booksum (summarization fine-tuning)."""
+    """passkey (generated, no download) | text (PG19-style documents) | booksum (summarization fine-tuning) |
+    mqar (generated multi-query associative recall, data/mqar.py; settings in data.mqar)."""
     tokenizer: str = "byte"
     """'byte' (UTF-8 bytes, vocab 256) or a local Hugging Face tokenizer directory."""
     seq_len: int = 512
@@ -62,6 +64,9 @@ class DataConfig:
     """booksum: 'book' (abertsch/booksum-fullbooks schema) or 'chapter' (kmfoda/booksum schema)."""
     max_input_tokens: int = 32768
     """booksum: the document is truncated to this many tokens before the summary prompt."""
+    # mqar
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+    """mqar: vocabulary, pair counts, queries and their placement (data/mqar.py); the length is data.seq_len."""
     overfit_batches: int = 0
     """Debugging: train on the first this many batches over and over (0: off)."""
 

@@ -75,8 +75,15 @@ def build_data(cfg: DataConfig, tokenizer: Tokenizer, rank: int, world_size: int
             examples = load_booksum(cfg.source, split, cfg.booksum_level)
             stream = SummarizationBatches(examples, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_input_tokens,
                                           rank, world_size, seed)
+    elif cfg.kind == "mqar":
+        from data.mqar import MQARBatches
+
+        if cfg.mqar.vocab_size > tokenizer.vocab_size:
+            raise ValueError(f"data.mqar.vocab_size={cfg.mqar.vocab_size} exceeds the vocabulary of data.tokenizer="
+                             f"{cfg.tokenizer!r} ({tokenizer.vocab_size}), which the model is sized by")
+        stream = MQARBatches(cfg.mqar, cfg.seq_len, cfg.batch_size, seed, rank, world_size)
     else:
-        raise ValueError(f"data.kind={cfg.kind!r} is not one of ('passkey', 'text', 'booksum')")
+        raise ValueError(f"data.kind={cfg.kind!r} is not one of ('passkey', 'text', 'booksum', 'mqar')")
     if cfg.overfit_batches > 0 and not validation:
         return RepeatBatches(stream, cfg.overfit_batches)
     return stream
