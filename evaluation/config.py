@@ -10,6 +10,7 @@ each extend one of the task schemas below, so a misspelt or mistyped key fails w
     python -m evaluation task=memory_footprint
     python -m evaluation task=memory_probe checkpoint=runs/tiny
     python -m evaluation task=mqar checkpoint=runs/mqar task.num_pairs=[4,8,16,32]
+    python -m evaluation task=ruler checkpoint=runs/tiny task.lengths=[512,2048]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe", "mqar")
+TASKS = ("passkey", "perplexity", "summarization", "memory_footprint", "memory_probe", "mqar", "ruler")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -201,8 +202,10 @@ def register_configs() -> None:
     cs.store(group="task", name="memory_footprint_schema", node=MemoryFootprintTaskConfig)
     cs.store(group="task", name="memory_probe_schema", node=MemoryProbeTaskConfig)
     from evaluation.mqar import MQARTaskConfig  # the new tasks' schemas live with their code
+    from evaluation.ruler import RulerTaskConfig
 
     cs.store(group="task", name="mqar_schema", node=MQARTaskConfig)
+    cs.store(group="task", name="ruler_schema", node=RulerTaskConfig)
 
 
 register_configs()

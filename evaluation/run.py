@@ -188,6 +188,24 @@ def _run_mqar(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dict[str, A
     return results.summary()
 
 
+def _run_ruler(cfg: DictConfig, out_dir: Path, wandb: WandbLogger) -> dict[str, Any]:
+    from data.ruler import RulerSettings
+    from evaluation import ruler
+
+    task = cfg.task
+    if task.metric not in ruler.METRICS:
+        raise ValueError(f"task.metric {task.metric!r} is not one of {ruler.METRICS}")
+    settings = RulerSettings(**OmegaConf.to_container(task.settings))
+    model, tokenizer, _ = load_for_eval(cfg)
+    results = ruler.evaluate_ruler(model, tokenizer, list(task.lengths), list(task.tasks), task.trials, task.seed,
+                                   settings, task.max_new_tokens, task.chunk_size, task.batch_size)
+    paths = ruler.write_outputs(results, out_dir, task.metric)
+    print(paths["table"].read_text())
+    wandb.log({f"ruler/{t}/{n}": v for (t, n), v in results.cells(task.metric).items()})
+    wandb.log_image("ruler/heatmap", paths["heatmap"])
+    return results.summary()
+
+
 RUNNERS = {
     "passkey": _run_passkey,
     "perplexity": _run_perplexity,
@@ -195,6 +213,7 @@ RUNNERS = {
     "memory_footprint": _run_memory_footprint,
     "memory_probe": _run_memory_probe,
     "mqar": _run_mqar,
+    "ruler": _run_ruler,
 }
 
 
