@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import sysconfig
 from collections.abc import Sequence
@@ -80,12 +81,13 @@ def corpus_files(source: Path, suffixes: Sequence[str], exclude: Sequence[str]) 
     if not source.is_dir():
         raise NotADirectoryError(f"corpus source {str(source)!r} is not a directory")
     found = []
-    for path in source.rglob("*"):
-        relative = path.relative_to(source)
-        if any(part.startswith(".") for part in relative.parts) or any(p in exclude for p in relative.parts[:-1]):
-            continue
-        if path.is_file() and path.name.endswith(tuple(suffixes)):
-            found.append(relative.as_posix())
+    for directory, subdirectories, names in os.walk(source):
+        # prune hidden and excluded directories before descending (the stdlib's test/ is half its files)
+        subdirectories[:] = [d for d in subdirectories if not d.startswith(".") and d not in exclude]
+        relative = Path(directory).relative_to(source)
+        found += [(relative / name).as_posix() for name in names
+                  if not name.startswith(".") and name.endswith(tuple(suffixes))
+                  and (Path(directory) / name).is_file()]
     return sorted(found)
 
 
