@@ -30,3 +30,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def train_variant(root, experiment: str, variant: str, run_dir, overrides: list[str]) -> float:
+    """`python train.py experiment=<experiment> attention=<variant>` in a subprocess whose run directory is run_dir
+    (fresh: resume off); returns its wall time in seconds. The experiment scripts compare memories this way."""
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "train.py", f"experiment={experiment}", f"attention={variant}",
+               f"hydra.run.dir={run_dir}", "trainer.progress=false", "trainer.resume=none", *overrides]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=root, check=True)
+    return time.perf_counter() - start

@@ -1,5 +1,5 @@
 """python -m evaluation task=<passkey|passkey_grid|passkey_1m|pg19|perplexity_local|booksum|booksum_chapter|
-booksum_paper|booksum_beam|memory_footprint|memory_probe> checkpoint=<model directory> [overrides]
+booksum_paper|booksum_beam|memory_footprint|memory_probe|mqar|ruler> checkpoint=<model directory> [overrides]
 
 Configs: conf/eval/ (schemas in evaluation/config.py). The work is done by evaluation.run.run(cfg).
 """

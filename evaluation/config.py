@@ -9,6 +9,8 @@ each extend one of the task schemas below, so a misspelt or mistyped key fails w
     python -m evaluation task=booksum_paper checkpoint=runs/big
     python -m evaluation task=memory_footprint
     python -m evaluation task=memory_probe checkpoint=runs/tiny
+    python -m evaluation task=mqar checkpoint=runs/mqar task.num_pairs=[4,8,16,32]
+    python -m evaluation task=ruler checkpoint=runs/tiny task.lengths=[512,2048]
 """
 
 from __future__ import annotations

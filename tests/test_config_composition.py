@@ -107,7 +107,7 @@ def test_every_experiment_composes_resolves_its_stages_and_builds_on_meta(experi
         model = Transformer(cfg.model)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert cfg.data.kind == {"booksum_8b": "booksum", "passkey_1b_finetune": "passkey",
-                             "passkey_cpu": "passkey"}.get(experiment, "text")
+                             "passkey_cpu": "passkey", "mqar_cpu": "mqar"}.get(experiment, "text")
 
 
 def test_experiment_values_still_apply():

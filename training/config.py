@@ -15,12 +15,13 @@ from omegaconf import MISSING
 
 from data.booksum import BooksumDataConfig
 from data.config import DataConfig, choice
+from data.mqar import MQARDataConfig
 from data.passkey import PasskeyDataConfig
 from data.text import TextDataConfig
 from models.config import ModelConfig
 from training.lora import LoraConfig
 
-DATA_SCHEMAS: tuple[type[DataConfig], ...] = (PasskeyDataConfig, TextDataConfig, BooksumDataConfig)
+DATA_SCHEMAS: tuple[type[DataConfig], ...] = (PasskeyDataConfig, TextDataConfig, BooksumDataConfig, MQARDataConfig)
 """The data kinds: each schema is registered as data/<kind>_schema, which conf/data/*.yaml files extend. A new
 kind adds its schema (a DataConfig subclass with its loader, in data/<kind>.py) here."""
 
