@@ -23,8 +23,8 @@ from evaluation.passkey import evaluate_passkey, markdown_table, score_passkey
 from evaluation.report import read_jsonl
 from evaluation.rouge import RougeScorer, geometric_mean
 from evaluation.run import run
-from evaluation.tasks import discover
 from evaluation.summarization import evaluate_summarization
+from evaluation.tasks import discover
 from models import ModelConfig, Transformer
 from models.checkpoint import CheckpointError, save_model
 from models.generation import GenerationConfig
