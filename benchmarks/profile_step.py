@@ -42,7 +42,7 @@ def build(overrides: list[str], stage_index: int, precision: str):
     from models.transformer import Transformer
     from training.data import build_data
     from training.optim import build_optimizer
-    from training.parallel import Runtime
+    from training.parallel import Runtime, parallelize
     from training.stages import resolve_stages
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -57,13 +57,14 @@ def build(overrides: list[str], stage_index: int, precision: str):
     model = Transformer(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     runtime = Runtime(0, 1, 0, torch.device("cpu"), torch.bfloat16 if precision == "bf16" else None)
+    module = parallelize(model, cfg.trainer, runtime)  # trainer.compile / activation checkpointing, as train.py
     batches = build_data(data_cfg, tokenizer, 0, 1, validation=False, segment_len=cfg.model.segment_len)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
     def step() -> int:
         batch = next(batches)
         n_targets = float(batch["loss_mask"].sum())
-        train.forward_backward(model, batch, None, runtime, cfg.trainer, cfg.model.segment_len,
+        train.forward_backward(module, batch, None, runtime, cfg.trainer, cfg.model.segment_len,
                                1.0 / max(n_targets, 1.0), sync=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
