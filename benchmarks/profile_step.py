@@ -99,12 +99,13 @@ def main() -> None:
     step, facts = build(args.overrides, args.stage, args.precision)
     for _ in range(args.warmup):
         step()
-    times, tokens = [], 0
+    times, tokens = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        tokens = step()
+        tokens.append(step())  # a length mix varies the tokens per step
         times.append(time.perf_counter() - start)
     median_s = statistics.median(times)
+    tokens_per_s = sum(tokens) / sum(times)
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -120,8 +121,9 @@ def main() -> None:
 
     print(f"\nTraining step of `python train.py {' '.join(args.overrides)}` (stage {args.stage}, {facts['data']}), "
           f"{args.precision}, {args.threads} threads, {cpu_name()}\n")
-    print(f"median step {1e3 * median_s:.1f} ms over {args.steps} steps = {tokens / median_s:,.0f} tokens/s "
-          f"({tokens} tokens per step); profiled self CPU time {total_us / 1e3 / args.profile_steps:.1f} ms per step "
+    print(f"median step {1e3 * median_s:.1f} ms over {args.steps} steps, {tokens_per_s:,.0f} tokens/s (all tokens / "
+          f"all time; {min(tokens)}-{max(tokens)} tokens per step);\nprofiled self CPU time "
+          f"{total_us / 1e3 / args.profile_steps:.1f} ms per step "
           f"(the profiler's overhead included)\n")
     print("| op | calls / step | self ms / step | share |\n|---|---:|---:|---:|")
     for row in rows[: args.top]:
@@ -134,7 +136,7 @@ def main() -> None:
                     "threads": args.threads},
         "command": " ".join(sys.argv), "precision": args.precision, "stage": args.stage, **facts,
         "timed_steps": args.steps, "median_step_s": median_s, "step_s": times, "tokens_per_step": tokens,
-        "tokens_per_s": tokens / median_s, "profile_steps": args.profile_steps,
+        "tokens_per_s": tokens_per_s, "profile_steps": args.profile_steps,
         "profiled_self_ms_per_step": total_us / 1e3 / args.profile_steps, "peak_rss_mib": peak_rss_mib(),
         "ops": rows,
     }
