@@ -60,7 +60,7 @@ from data.passkey import (
     offset_class_ranges,
 )
 from data.tokenizer import Tokenizer
-from evaluation.report import length_label, write_json, write_jsonl
+from evaluation.report import length_label, percent_heatmap, write_json, write_jsonl
 from models.config import ModelConfig
 from models.generation import GenerationConfig, generate
 from models.transformer import Transformer
@@ -394,20 +394,11 @@ def heatmap_figure(results: PasskeyResults, metric: str = "exact") -> Figure:
         return _class_heatmap_figure(results, metric)
     cells = results.accuracy(metric)
     grid = [[100 * cells[(n, d)] for n in results.lengths] for d in results.depths]  # (depths, lengths)
-    fig = Figure(figsize=(max(4.5, 1.8 + 0.8 * len(results.lengths)), max(3.0, 1.4 + 0.35 * len(results.depths))),
-                 dpi=120)
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(results.lengths)), [length_label(n) for n in results.lengths])
-    ax.set_yticks(range(len(results.depths)), [_depth_label(d) for d in results.depths])
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("needle depth")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
     trials = len(results.trials) // max(1, len(results.lengths) * len(results.depths))
-    ax.set_title(f"passkey retrieval: {metric} (%)\n{trials} trial(s) per cell", fontsize=10)
-    fig.colorbar(image, ax=ax)
+    fig, _ = percent_heatmap(
+        grid, [length_label(n) for n in results.lengths], [_depth_label(d) for d in results.depths],
+        "prompt length (tokens)", "needle depth", f"passkey retrieval: {metric} (%)\n{trials} trial(s) per cell",
+        (max(4.5, 1.8 + 0.8 * len(results.lengths)), max(3.0, 1.4 + 0.35 * len(results.depths))))
     fig.tight_layout()
     return fig
 
@@ -416,23 +407,14 @@ def _class_heatmap_figure(results: PasskeyResults, metric: str) -> Figure:
     cells, rows = results.class_cells(metric), results.rows()
     grid = [[100 * cells[(n, c, d)] for d in results.depths] for n, c in rows]  # (rows, depths)
     labels = [row_label(results, n, c) for n, c in rows]
-    fig = Figure(figsize=(max(6.0, 3.0 + 0.08 * max(map(len, labels)) + 0.6 * len(results.depths)),
-                          max(3.0, 1.6 + 0.32 * len(rows))), dpi=120)
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(results.depths)), [_depth_label(d) for d in results.depths])
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    trials = len(results.trials) // max(1, len(results.lengths) * len(results.depths))
+    fig, ax = percent_heatmap(
+        grid, [_depth_label(d) for d in results.depths], labels, "needle depth", "length, offset class",
+        f"passkey retrieval: {metric} (%) by offset class\n{trials} trial(s) per cell and offset",
+        (max(6.0, 3.0 + 0.08 * max(map(len, labels)) + 0.6 * len(results.depths)), max(3.0, 1.6 + 0.32 * len(rows))),
+        y_fontsize=8)
     for boundary in [i - 0.5 for i in range(1, len(rows)) if rows[i][0] != rows[i - 1][0]]:
         ax.axhline(boundary, color="black", linewidth=1.5)  # between requested lengths
-    ax.set_xlabel("needle depth")
-    ax.set_ylabel("length, offset class")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
-    trials = len(results.trials) // max(1, len(results.lengths) * len(results.depths))
-    ax.set_title(f"passkey retrieval: {metric} (%) by offset class\n{trials} trial(s) per cell and offset",
-                 fontsize=10)
-    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
 

@@ -55,3 +55,26 @@ def WandbLogger(mode: str = "disabled", project: str = "infini-lm", name: str | 
     never imports wandb."""
     return WandbRun(mode, project=project, name=name, entity=entity, config=dict(config or {}), dir=directory,
                     job_type="eval")
+
+
+def percent_heatmap(grid: list[list[float]], x_ticks: list[str], y_ticks: list[str], x_label: str, y_label: str | None,
+                    title: str, figsize: tuple[float, float], y_fontsize: float | None = None):
+    """A heat map of percentages (rows x columns, 0-100, red to green, each cell's value written in it) as a plain
+    matplotlib Figure (Agg canvas, no pyplot global state). Returns (figure, axes) for additions such as separator
+    lines; the passkey and RULER tables use it."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=120)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(x_ticks)), x_ticks)
+    ax.set_yticks(range(len(y_ticks)), y_ticks, **({} if y_fontsize is None else {"fontsize": y_fontsize}))
+    ax.set_xlabel(x_label)
+    if y_label is not None:
+        ax.set_ylabel(y_label)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax)
+    return fig, ax

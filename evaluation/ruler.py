@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from data.ruler import TASKS, RulerPrompt, RulerSettings, RulerTemplate, ruler_trial, score_all, score_part
 from data.tokenizer import Tokenizer
-from evaluation.report import length_label, write_json, write_jsonl
+from evaluation.report import length_label, percent_heatmap, write_json, write_jsonl
 from evaluation.tasks import EvalContext, Report, register_task
 from models.generation import GenerationConfig, generate
 from models.transformer import Transformer
@@ -181,19 +181,10 @@ def markdown_table(results: RulerResults, metric: str = "all") -> str:
 def heatmap_figure(results: RulerResults, metric: str = "all") -> Figure:
     cells = results.cells(metric)
     grid = [[100 * cells[(t, n)] for n in results.lengths] for t in results.tasks]  # (tasks, lengths)
-    fig = Figure(figsize=(max(5.0, 3.2 + 0.8 * len(results.lengths)), max(3.0, 1.4 + 0.4 * len(results.tasks))),
-                 dpi=120)
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(results.lengths)), [length_label(n) for n in results.lengths])
-    ax.set_yticks(range(len(results.tasks)), results.tasks, fontsize=8)
-    ax.set_xlabel("prompt length (tokens)")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_title(f"RULER-style retrieval, string_match_{metric} (%)\n{results.settings['trials']} trial(s) per cell",
-                 fontsize=10)
-    fig.colorbar(image, ax=ax)
+    fig, _ = percent_heatmap(
+        grid, [length_label(n) for n in results.lengths], list(results.tasks), "prompt length (tokens)", None,
+        f"RULER-style retrieval, string_match_{metric} (%)\n{results.settings['trials']} trial(s) per cell",
+        (max(5.0, 3.2 + 0.8 * len(results.lengths)), max(3.0, 1.4 + 0.4 * len(results.tasks))), y_fontsize=8)
     fig.tight_layout()
     return fig
 
