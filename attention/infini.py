@@ -46,7 +46,8 @@ class Rope(Protocol):
 class AttentionState(NamedTuple):
     """Streaming state of one attention layer. Held by the caller, never by the module."""
 
-    keys: Tensor  # (B, Hkv, L, D) un-rotated keys of the unfinished segment (`full`: of the whole stream)
+    keys: Tensor  # (B, Hkv, L, D) un-rotated keys of the unfinished segment (`full`: of the whole stream; `xl`:
+    #               the previous complete segment's first, attention/xl.py)
     values: Tensor  # (B, Hkv, L, D)
     memory: Memory | None  # compressive memory (`infini` only)
 

@@ -1,4 +1,5 @@
-"""Naive reference of Infini-attention: a loop over segments and heads, written straight from the paper.
+"""Naive reference of Infini-attention (a loop over segments and heads, written straight from the paper) and of
+the Transformer-XL-like `xl` attention (a loop over tokens and heads).
 
 Slow and obviously correct; shares no code with the fast path except the RoPE callable it is given and, for the
 memory, the rule's own naive pieces (its feature map's `reference`, its write gate's `reference` and its
@@ -16,6 +17,7 @@ from torch import Tensor
 from attention.feature_maps import elu_plus_one
 from attention.memory import EPS
 from attention.rules import MemoryRule, build_rule
+from attention.xl import TransformerXLAttention
 
 # ---------------------------------------------------- the paper's equations, one function each (eqs. (3)-(5))
 
@@ -127,14 +129,43 @@ def reference_infini_attention(
     return out, memories
 
 
+def reference_xl_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, rope) -> Tensor:
+    """`xl` attention token by token: query t of segment s = t // N attends to the keys j with
+    max(0, (s - 1) N) <= j <= t (its own segment up to itself and the whole previous segment), by an explicit
+    softmax. The previous segment's keys and values are detached: Transformer-XL's stop-gradient SG(h_{s-1}).
+    RoPE positions count from the first key a query sees (relative, so any common offset gives the same scores).
+
+    q: (B, H, T, D), k and v: (B, Hkv, T, D), un-rotated. Returns (B, H, T, D) before the output projection.
+    """
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    N = segment_len
+    out = torch.zeros_like(q)
+    for t in range(T):
+        own = (t // N) * N  # first token of t's segment
+        lo = max(0, own - N)  # first token of the previous segment (none for the first segment)
+        positions = torch.arange(t + 1 - lo, device=q.device)  # keys lo .. t at positions 0 .. t - lo
+        for h in range(H):
+            kv = h // group
+            ks = torch.cat([k[:, kv, lo:own].detach(), k[:, kv, own : t + 1]], dim=1)  # (B, t + 1 - lo, D)
+            vs = torch.cat([v[:, kv, lo:own].detach(), v[:, kv, own : t + 1]], dim=1)
+            qt = rope(q[:, h, t : t + 1], positions[-1:])  # (B, 1, D) at position t - lo
+            scores = (qt @ rope(ks, positions).transpose(1, 2))[:, 0] / math.sqrt(D)  # (B, t + 1 - lo)
+            out[:, h, t] = (torch.softmax(scores, dim=-1).unsqueeze(1) @ vs)[:, 0]
+    return out
+
+
 def reference_layer(layer, x: Tensor, write_scale: Tensor | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Run a CausalSelfAttention / InfiniAttention layer's weights through the reference on a whole sequence
-    (write_scale: (B, T) multiplier of each token's write, or None)."""
+    """Run a CausalSelfAttention / InfiniAttention / TransformerXLAttention layer's weights through the reference on
+    a whole sequence (write_scale: (B, T) multiplier of each token's write, or None). `xl` returns no memories."""
     B, T, _ = x.shape
     H, Hkv, D = layer.n_heads, layer.n_kv_heads, layer.head_dim
     q = (x @ layer.wq.weight.T).view(B, T, H, D).transpose(1, 2)
     k = (x @ layer.wk.weight.T).view(B, T, Hkv, D).transpose(1, 2)
     v = (x @ layer.wv.weight.T).view(B, T, Hkv, D).transpose(1, 2)
+    if isinstance(layer, TransformerXLAttention):
+        a = reference_xl_attention(q, k, v, layer.segment_len, layer.rope)
+        return a.transpose(1, 2).reshape(B, T, H * D) @ layer.wo.weight.T, []
     gate_logit = getattr(layer, "gate_logit", None)
     rule = getattr(layer, "rule", "linear")
     a, memories = reference_infini_attention(q, k, v, layer.segment_len, layer.rope, gate_logit, rule, write_scale)

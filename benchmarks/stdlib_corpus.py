@@ -1,13 +1,14 @@
 """The memory's benefit on real long documents, at toy scale on CPU: models with different memories trained at
 equal compute on the Python standard library's sources, then scored on the held-out test files, loss by segment.
 
-    python benchmarks/stdlib_corpus.py                       # infini_linear, local, full; 200 steps each
+    python benchmarks/stdlib_corpus.py                       # infini_linear, local, xl, full; 200 steps each
     python benchmarks/stdlib_corpus.py --variants infini_linear infini_delta local --steps 400
 
 The corpus is built into --corpus if it is not there yet (data/corpus.py: split by a stable hash of each file's
 path). Each variant is trained by `python train.py experiment=stdlib_cpu attention=<variant>` in a subprocess
-(same steps, batch and windows for all: equal compute up to the attention itself; `full` cannot carry a state
-across windows, so it trains with carry_state off). Each model then streams the first --documents test files of
+(same steps, batch and windows for all: equal compute up to the attention itself; `infini`, `local` and `xl` (its
+previous segment) carry their state across a document's windows, detached between windows; `full` cannot carry a
+state across windows, so it trains with carry_state off). Each model then streams the first --documents test files of
 at least --tokens tokens, cut to --tokens, one segment at a time with its state carried (evaluation/perplexity.py,
 the code of task=perplexity_stdlib); segment k's loss is the mean over the predictions at positions
 [k N, (k + 1) N). Written to --out: stdlib_corpus.json, stdlib_corpus.md (perplexity and loss by segment ranges),
@@ -42,7 +43,7 @@ def segment_ranges(n_segments: int) -> list[tuple[int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["infini_linear", "local", "full"])
+    parser.add_argument("--variants", nargs="+", default=["infini_linear", "local", "xl", "full"])
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the experiment's)")
     parser.add_argument("--corpus", default=str(ROOT / "corpora" / "stdlib"))
     parser.add_argument("--documents", type=int, default=8)

@@ -88,9 +88,17 @@ def full_kv_cache_footprint(s: FootprintSetting) -> int:
     return 2 * s.head_dim * kv_heads * s.length * s.n_layers
 
 
+def xl_ours_footprint(s: FootprintSetting) -> int:
+    """(d_key + d_value) x H_kv x (2N - 1) x l: what our `xl` attention stores at most, the previous segment's
+    keys/values (Transformer-XL's cache) plus an unfinished segment's, per key/value head."""
+    kv_heads = s.n_heads if s.n_kv_heads is None else s.n_kv_heads
+    return 2 * s.head_dim * kv_heads * (2 * s.segment_len - 1) * s.n_layers
+
+
 def footprints(s: FootprintSetting) -> dict[str, int]:
     """Every row of the table, in stored elements. `infini (ours, per KV head)` counts what our implementation
-    stores: one (M, z) per key/value head, plus at most one unfinished segment of keys/values per layer."""
+    stores: one (M, z) per key/value head, plus at most one unfinished segment of keys/values per layer; `xl
+    (ours ...)` the previous segment's and at most one unfinished segment's keys/values per layer."""
     kv_heads = s.n_heads if s.n_kv_heads is None else s.n_kv_heads
     ours = s.head_dim * (s.head_dim + 1) * kv_heads * s.n_layers
     ours_with_cache = ours + 2 * s.head_dim * kv_heads * (s.segment_len - 1) * s.n_layers
@@ -102,6 +110,7 @@ def footprints(s: FootprintSetting) -> dict[str, int]:
         f"full KV cache at {s.length} tokens": full_kv_cache_footprint(s),
         "infini (ours: memory only, per KV head)": ours,
         "infini (ours: memory + worst-case segment cache)": ours_with_cache,
+        "xl (ours: previous + worst-case unfinished segment, per KV head)": xl_ours_footprint(s),
     }
 
 

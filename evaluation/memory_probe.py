@@ -169,7 +169,7 @@ def knockout_keep(prompt: ProbePrompt, keep_last_tokens: int) -> Tensor:
 
 
 def infini_layers(model: Transformer) -> list[InfiniAttention]:
-    """The model's InfiniAttention layers, in order; a clear error for `local`/`full` models (no memory)."""
+    """The model's InfiniAttention layers, in order; a clear error for `local`/`full`/`xl` models (no memory)."""
     layers = [layer.attention for layer in model.layers]
     if not all(isinstance(a, InfiniAttention) for a in layers):
         raise ValueError(f"memory_probe needs a model with a compressive memory (attention='infini'); this model "

@@ -5,7 +5,7 @@ depth of the filler; the model decodes a few tokens greedily after "The pass key
 `data.passkey.iter_passkey_trials` (the lazy form of `passkey_trials`), seeded, so every model sees the same
 prompts. The prompt is streamed through
 the model chunk by chunk carrying the state (`models.generation`), so memory stays bounded at any length for
-`infini` and `local` attention (a tiny model evaluates a 1M-token prompt on a 2-core CPU: see
+`infini`, `local` and `xl` attention (a tiny model evaluates a 1M-token prompt on a 2-core CPU: see
 benchmarks/passkey_long.py).
 
 Per trial three scores:
@@ -108,7 +108,8 @@ def depth_grid(points: int) -> list[float]:
 
 def segment_len_of(config: ModelConfig) -> int | None:
     """The segment length that decides a passkey prompt's offset class for this model: model.segment_len for
-    `infini` and `local` attention, None for `full` (it attends over the whole stream, so offsets mean nothing)."""
+    `infini`, `local` and `xl` attention, None for `full` (it attends over the whole stream, so offsets mean
+    nothing)."""
     return None if config.attention == "full" else config.segment_len
 
 

@@ -1,4 +1,4 @@
-"""Llama-style decoder LM with Infini-attention, full or segment-local attention."""
+"""Llama-style decoder LM with Infini-attention, full, segment-local or Transformer-XL-like attention."""
 
 from models.config import ModelConfig
 from models.layers import DecoderBlock, RMSNorm, SwiGLU

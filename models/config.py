@@ -17,6 +17,7 @@ class AttentionKind(StrEnum):
     infini = "infini"
     full = "full"
     local = "local"
+    xl = "xl"
 
 
 class AttentionBackend(StrEnum):
@@ -59,7 +60,7 @@ ROPE_SCALINGS = tuple(m.value for m in RopeScaling)
 @dataclass
 class ModelConfig:
     """A Llama-style decoder (pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases) whose
-    attention is `infini`, `full` or `local`."""
+    attention is `infini`, `full`, `local` or `xl`."""
 
     vocab_size: int = 256
     """Vocabulary size (256 for the byte-level tokenizer)."""
@@ -78,7 +79,8 @@ class ModelConfig:
     """Share the token embedding matrix with the output projection."""
     attention: AttentionKind = AttentionKind.infini
     """infini: local attention + compressive memory + gate; full: causal attention over the whole stream
-    (baseline); local: attention inside each segment only, no memory (ablation)."""
+    (baseline); local: attention inside each segment only, no memory (ablation); xl: Transformer-XL-like, attention
+    inside each segment and over the whole previous segment, gradient stopped at the previous segment (baseline)."""
     memory_update: str = "linear"
     """Memory write rule of `infini` (attention/rules/): linear (eq. 4, the paper's default) or delta (eq. 5); research
     variants: delta_corrected (eq. 5 with the associative recurrent memory transformer's z correction)."""
@@ -91,7 +93,7 @@ class ModelConfig:
     memory_write_gate_init: float = 4.0
     """Initial bias b of the write gate (weights start at 0): sigmoid(4) = 0.98, nearly the paper's rule."""
     segment_len: int = 2048
-    """N: tokens per segment for `infini` and `local` (ignored by `full`)."""
+    """N: tokens per segment for `infini`, `local` and `xl` (ignored by `full`)."""
     gate_init: float = 0.0
     """Initial gate logit beta of every head; sigmoid(0) = 0.5 mixes memory and local attention equally, so
     both paths get gradient from the first step. Large negative values start at the local-only network."""

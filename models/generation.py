@@ -6,8 +6,9 @@
 The prompt is consumed `chunk_size` tokens at a time and only the last position is projected to the vocabulary,
 so prefill memory is bounded by one chunk whatever the prompt length. Decoding then feeds one token per step
 through the cached state and never recomputes the prompt. With `infini` and `local` attention the state is the
-compressive memory plus the keys/values of the unfinished segment (at most segment_len tokens), so each decoding
-step costs constant memory and time however long the stream is; with `full` attention it grows with the stream.
+compressive memory plus the keys/values of the unfinished segment (at most segment_len tokens), with `xl` the
+keys/values of the previous and the unfinished segment (fewer than 2 segment_len tokens), so each decoding step
+costs constant memory and time however long the stream is; with `full` attention it grows with the stream.
 
 Prompts of different lengths are not padded: segments are fixed by absolute position in the stream, so padding
 would shift every segment boundary and change the result. Prompts are grouped by length instead and each group

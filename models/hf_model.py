@@ -125,7 +125,8 @@ class InfiniCache(Cache):
 
     `state` is None before the first forward call. `seen_tokens` counts the tokens fed so far (what
     get_seq_length reports, so generate() knows which tokens of input_ids are new). With `infini` attention the
-    state's size is constant: the memory plus at most segment_len - 1 cached keys/values per layer."""
+    state's size is constant: the memory plus at most segment_len - 1 cached keys/values per layer (`xl`: no
+    memory, at most 2 segment_len - 1 cached keys/values per layer)."""
 
     def __init__(self, state: ModelState | None = None, seen_tokens: int = 0):
         super().__init__(layers=[])  # the per-layer cache objects of transformers do not apply: we hold one state

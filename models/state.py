@@ -1,9 +1,9 @@
 """The streaming state of a Transformer and what the trainer does with it.
 
-ModelState is one AttentionState per layer: the local attention's key/value cache and, for `infini`, the
-compressive memory (M, z). It is explicit (passed in and returned by Transformer.forward), never stored on the
-module. Here: mapping a function over it, truncating back-propagation, resetting rows that start a new document,
-named tensors for checkpoints, and the scalars the trainer logs.
+ModelState is one AttentionState per layer: the local attention's key/value cache (for `xl` the previous segment
+too) and, for `infini`, the compressive memory (M, z). It is explicit (passed in and returned by
+Transformer.forward), never stored on the module. Here: mapping a function over it, truncating back-propagation,
+resetting rows that start a new document, named tensors for checkpoints, and the scalars the trainer logs.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ def detach_state(state: ModelState) -> ModelState:
 
 def reset_rows(state: ModelState | None, new_document: Tensor) -> ModelState | None:
     """Empty the memory of the rows that start a new document (trainer.carry_state); the others keep theirs.
-    new_document: (B,) bool."""
+    new_document: (B,) bool.
+
+    The rows' cached keys/values are zeroed too. Between training windows (seq_len a multiple of segment_len,
+    checked by train.validate) `infini` and `local` cache nothing, and `xl` caches exactly the previous segment,
+    which attention/xl.py then treats as absent for an all-zero row: that row's next segment sees only itself."""
     if state is None:
         return None
     keep = (~new_document).to(state[0].keys.device)
@@ -46,7 +50,8 @@ def reset_rows(state: ModelState | None, new_document: Tensor) -> ModelState | N
     def reset(t: Tensor) -> Tensor:
         return t * keep.view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
 
-    return tuple(s._replace(memory=None if s.memory is None else Memory(*map(reset, s.memory))) for s in state)
+    return tuple(AttentionState(reset(s.keys), reset(s.values),
+                                None if s.memory is None else Memory(*map(reset, s.memory))) for s in state)
 
 
 def flatten_state(state: ModelState, prefix: str) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""Decoder-only Transformer LM whose attention is Infini-attention, full or segment-local attention.
+"""Decoder-only Transformer LM whose attention is Infini-attention, full, segment-local or Transformer-XL-like.
 
     model = Transformer(ModelConfig(...))
     out = model(tokens)                       # tokens (B, T) -> out.logits (B, T, vocab_size)
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from attention.infini import CausalSelfAttention, InfiniAttention
+from attention.xl import TransformerXLAttention
 from models.config import ModelConfig
 from models.layers import DecoderBlock, RMSNorm
 from models.rope import RotaryEmbedding
@@ -34,6 +35,9 @@ def build_attention(cfg: ModelConfig, rope: RotaryEmbedding) -> CausalSelfAttent
         return InfiniAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.segment_len, rope,
                                cfg.memory_update, cfg.gate_init, cfg.attention_backend, cfg.memory_feature_map,
                                cfg.memory_write_gate, cfg.memory_write_gate_init)
+    if cfg.attention == "xl":
+        return TransformerXLAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.segment_len, rope,
+                                      cfg.attention_backend)
     segment_len = None if cfg.attention == "full" else cfg.segment_len
     return CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, segment_len, rope, cfg.attention_backend)
 

@@ -1,11 +1,14 @@
 """Attention layers against the naive per-segment reference, and the kernels against each other."""
 
+import random
+
 import pytest
 import torch
 
 from attention.backends import causal_attention
 from attention.infini import CausalSelfAttention, InfiniAttention
 from attention.reference import reference_layer
+from attention.xl import TransformerXLAttention
 from models.rope import RotaryEmbedding
 
 DIM, HEADS, SEGMENT = 32, 4, 16
@@ -18,6 +21,8 @@ def make_layer(kind: str, n_kv_heads: int = 2, update: str = "linear", seed: int
         layer = InfiniAttention(DIM, HEADS, n_kv_heads, SEGMENT, rope, update, gate_init=0.0, backend=backend)
         with torch.no_grad():  # distinct gates per head, some near each extreme
             layer.gate_logit.copy_(torch.tensor([-2.0, -0.3, 0.4, 2.5]))
+    elif kind == "xl":
+        layer = TransformerXLAttention(DIM, HEADS, n_kv_heads, SEGMENT, rope, backend)
     else:
         layer = CausalSelfAttention(DIM, HEADS, n_kv_heads, None if kind == "full" else SEGMENT, rope, backend)
     return layer.double()
@@ -54,7 +59,7 @@ def test_infini_layer_matches_reference_outputs_memory_and_gradients(update, len
         assert g.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("kind", ["local", "full"])
+@pytest.mark.parametrize("kind", ["local", "full", "xl"])
 def test_local_and_full_layers_match_reference(kind):
     layer = make_layer(kind)
     x = torch.randn(2, 50, DIM, dtype=torch.float64)
@@ -62,7 +67,8 @@ def test_local_and_full_layers_match_reference(kind):
     y_ref, _ = reference_layer(layer, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     assert state.memory is None
-    assert state.keys.shape[2] == (50 if kind == "full" else 50 % SEGMENT)
+    # xl keeps the previous complete segment too
+    assert state.keys.shape[2] == {"full": 50, "local": 50 % SEGMENT, "xl": SEGMENT + 50 % SEGMENT}[kind]
 
 
 def test_memory_gradient_reaches_earlier_segments_and_is_not_detached():
@@ -132,7 +138,7 @@ def test_unknown_backend_and_flash_without_package():
     assert causal_attention(q, k, v, "auto").dtype == torch.float64  # auto falls back to sdpa on CPU
 
 
-@pytest.mark.parametrize("kind", ["infini", "local", "full"])
+@pytest.mark.parametrize("kind", ["infini", "local", "full", "xl"])
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_layer_sdpa_equals_eager_for_gqa(kind, n_kv_heads):
     x = torch.randn(2, 45, DIM, dtype=torch.float64)
@@ -147,3 +153,140 @@ def test_layer_rejects_bad_head_counts_and_update():
         CausalSelfAttention(32, 4, 3, 16, rope)
     with pytest.raises(ValueError, match="unknown memory_update 'hebbian'"):
         InfiniAttention(32, 4, 2, 16, rope, memory_update="hebbian")
+
+
+# ------------------------------------------------------------------------------------- xl (attention/xl.py)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize("length", [9, SEGMENT, 63, 64])
+def test_xl_layer_matches_reference_outputs_and_gradients(n_kv_heads, length):
+    """Outputs and gradients (inputs and every weight) equal the token-by-token reference, whose previous-segment
+    keys/values are detached as well (stop-gradient)."""
+    layer = make_layer("xl", n_kv_heads=n_kv_heads)
+    x = torch.randn(2, length, DIM, dtype=torch.float64, requires_grad=True)
+    y, state = layer(x)
+    y_ref, _ = reference_layer(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    # the state: the previous complete segment (if any) and the unfinished one
+    kept = length % SEGMENT + (SEGMENT if length >= SEGMENT else 0)
+    with torch.no_grad():
+        _, k, v = layer.project(x)
+    torch.testing.assert_close(state.keys, k[:, :, length - kept :])
+    torch.testing.assert_close(state.values, v[:, :, length - kept :])
+
+    weights = torch.randn_like(y)
+    params = [x, layer.wq.weight, layer.wk.weight, layer.wv.weight, layer.wo.weight]
+    grads = torch.autograd.grad((y * weights).sum(), params)
+    grads_ref = torch.autograd.grad((y_ref * weights).sum(), params)
+    for name, g, g_ref in zip(["x", "wq", "wk", "wv", "wo"], grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=f"gradient of {name}")
+        assert g.abs().sum() > 0, name
+
+
+def test_xl_reference_stops_the_gradient():
+    """The reference's gradients differ from those of the same attention without the stop-gradient, so the
+    gradient comparison above checks the detach."""
+    layer = make_layer("xl")
+    x = torch.randn(1, 2 * SEGMENT, DIM, dtype=torch.float64, requires_grad=True)
+    y, _ = reference_layer(layer, x)
+    (grad,) = torch.autograd.grad(y[:, SEGMENT:].sum(), x)
+    assert torch.equal(grad[:, :SEGMENT], torch.zeros_like(grad[:, :SEGMENT]))
+
+
+def xl_stream(layer, x, sizes, state=None):
+    outputs, start = [], 0
+    for size in sizes:
+        y, state = layer(x[:, start : start + size], state)
+        outputs.append(y)
+        start += size
+    assert start == x.shape[1]
+    return torch.cat(outputs, dim=1), state
+
+
+def test_xl_chunking_invariance_of_outputs_state_and_gradients():
+    layer = make_layer("xl")
+    T = 5 * SEGMENT + 7
+    x = torch.randn(2, T, DIM, dtype=torch.float64, requires_grad=True)
+    whole, whole_state = xl_stream(layer, x, [T])
+    weights = torch.randn_like(whole)
+    (grad_whole,) = torch.autograd.grad((whole * weights).sum(), x)
+    rng = random.Random(0)
+    random_sizes = []
+    while sum(random_sizes) < T:
+        random_sizes.append(min(rng.randint(1, 2 * SEGMENT + 3), T - sum(random_sizes)))
+    chunkings = {
+        "per segment": [SEGMENT] * (T // SEGMENT) + [T % SEGMENT],
+        "random": random_sizes,
+        "token by token": [1] * T,
+        "misaligned": [3, SEGMENT, 2 * SEGMENT + 1, T - 3 - SEGMENT - 2 * SEGMENT - 1],
+    }
+    for name, sizes in chunkings.items():
+        y, state = xl_stream(layer, x, sizes)
+        torch.testing.assert_close(y, whole, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(state.keys, whole_state.keys, msg=name)
+        torch.testing.assert_close(state.values, whole_state.values, msg=name)
+        (grad,) = torch.autograd.grad((y * weights).sum(), x)
+        torch.testing.assert_close(grad, grad_whole, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_xl_causality_and_receptive_field_of_one_layer():
+    """Changing token t changes no output before t; segment s depends on segments s and s - 1 only."""
+    layer = make_layer("xl")
+    T = 4 * SEGMENT
+    x = torch.randn(1, T, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = layer(x)
+        for t in (0, SEGMENT - 1, SEGMENT + 5, 2 * SEGMENT, 3 * SEGMENT - 1):
+            changed = x.clone()
+            changed[:, t] += 1.0
+            y2, _ = layer(changed)
+            moved = (y2 - y).abs().amax(dim=-1)[0]  # (T,)
+            assert torch.equal(moved[:t], torch.zeros_like(moved[:t])), f"token {t} changed an earlier output"
+            own_end = (t // SEGMENT + 1) * SEGMENT
+            assert (moved[t:own_end] > 0).all()  # its own segment from t on
+            assert (moved[own_end : own_end + SEGMENT] > 0).all()  # every query of the next segment sees it
+            assert torch.equal(moved[own_end + SEGMENT :], torch.zeros_like(moved[own_end + SEGMENT :]))  # 2 back
+
+
+def test_xl_stop_gradient_at_the_previous_segment():
+    """The output of segment s depends on segment s - 1 in the forward pass, but its gradient w.r.t. the inputs
+    of segment s - 1 is exactly zero (Transformer-XL's SG); `local` has neither."""
+    layer = make_layer("xl")
+    x = torch.randn(1, 3 * SEGMENT, DIM, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    (grad,) = torch.autograd.grad(y[:, 2 * SEGMENT :].sum(), x)
+    assert torch.equal(grad[:, : 2 * SEGMENT], torch.zeros_like(grad[:, : 2 * SEGMENT]))
+    assert (grad[:, 2 * SEGMENT :].abs().sum(-1) > 0).all()
+    local = make_layer("local")
+    with torch.no_grad():  # same weights (same seed): xl differs from local exactly where the previous segment is
+        y_local, _ = local(x)
+        torch.testing.assert_close(y[:, :SEGMENT], y_local[:, :SEGMENT], rtol=1e-12, atol=1e-14)
+        assert ((y - y_local)[:, SEGMENT:].abs().amax(-1) > 1e-6).all()
+
+
+def test_xl_zeroed_previous_segment_is_absent():
+    """A row whose cached previous segment was zeroed (models.state.reset_rows: a new document) continues as a
+    fresh stream; the other rows are unaffected."""
+    layer = make_layer("xl")
+    x = torch.randn(2, 3 * SEGMENT + 5, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = layer(x[:, :SEGMENT])  # exactly one segment: the cache is that segment
+        assert state.keys.shape[2] == SEGMENT
+        keep = torch.tensor([1.0, 0.0], dtype=torch.float64).view(2, 1, 1, 1)
+        reset = state._replace(keys=state.keys * keep, values=state.values * keep)
+        for sizes in ([2 * SEGMENT + 5], [3, SEGMENT, SEGMENT + 2], [1] * (2 * SEGMENT + 5)):
+            y, _ = xl_stream(layer, x[:, SEGMENT:], sizes, reset)
+            carried, _ = xl_stream(layer, x[:, SEGMENT:], sizes, state)
+            fresh, _ = layer(x[1:, SEGMENT:])
+            torch.testing.assert_close(y[0], carried[0], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(y[1], fresh[0], rtol=1e-10, atol=1e-12)
+
+
+def test_xl_layer_rejects_write_scale_and_no_segments():
+    layer = make_layer("xl")
+    x = torch.randn(1, 4, DIM, dtype=torch.float64)
+    with pytest.raises(ValueError, match="attention=xl"):
+        layer(x, None, torch.ones(1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="positive integer segment_len"):
+        TransformerXLAttention(DIM, HEADS, 2, None, RotaryEmbedding(8))

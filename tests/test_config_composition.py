@@ -76,7 +76,7 @@ def test_stage_overrides_of_another_kind_fail_naming_the_stage():
 @pytest.mark.parametrize("override,allowed", [
     ("data.passkey_answer_offset=middle", "fixed, uniform, balanced"),
     ("data.loss_on=some", "answer, all"),
-    ("model.attention=sparse", "infini, full, local"),
+    ("model.attention=sparse", "infini, full, local, xl"),
     ("model.attention_backend=triton", "auto, sdpa, eager, flash"),
     ("optim.name=sgd", "adamw, adafactor"),
     ("optim.schedule=linear", "cosine, constant"),
@@ -116,4 +116,4 @@ def test_experiment_values_still_apply():
         "passkey", 5120, 400, 20)
     assert cfg.model.segment_len == 2048
     cfg, _ = train.to_train_config(compose_train("experiment=pg19_transformer_xl_like"))
-    assert (cfg.model.attention, cfg.data.kind, cfg.data.seq_len) == ("local", "text", 32768)
+    assert (cfg.model.attention, cfg.data.kind, cfg.data.seq_len) == ("xl", "text", 32768)

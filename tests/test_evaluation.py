@@ -240,6 +240,8 @@ def test_footprint_of_a_model_config():
     rows = footprints(setting)
     assert rows["infini (ours: memory only, per KV head)"] == 64 * 65 * 2 * 4
     assert rows["Infini-Transformer"] == 64 * 65 * 4 * 4  # the paper's formula counts query heads
+    # xl: previous segment + at most N - 1 unfinished tokens, keys and values, per KV head and layer
+    assert rows["xl (ours: previous + worst-case unfinished segment, per KV head)"] == 2 * 64 * 2 * (2 * 1024 - 1) * 4
 
 
 # ---------------------------------------------------------------- W&B sink

@@ -77,7 +77,7 @@ def test_prefill_equals_one_forward_pass(model, chunk_size):
 
 
 @pytest.mark.parametrize("attention,memory_update", [("infini", "linear"), ("infini", "delta"), ("local", "linear"),
-                                                     ("full", "linear")])
+                                                     ("full", "linear"), ("xl", "linear")])
 def test_streaming_greedy_equals_full_recomputation(attention, memory_update):
     model = tiny_model(attention, memory_update)
     tokens = prompt(21, 3)  # decoding starts mid-segment and crosses three segment boundaries

@@ -41,7 +41,7 @@ def stream(model, x, chunk_sizes):
     return torch.cat(logits, dim=1), state
 
 
-ALL_KINDS = [("infini", "linear"), ("infini", "delta"), ("local", "linear"), ("full", "linear")]
+ALL_KINDS = [("infini", "linear"), ("infini", "delta"), ("local", "linear"), ("full", "linear"), ("xl", "linear")]
 
 
 @pytest.mark.parametrize("kind,update", ALL_KINDS)
@@ -102,10 +102,28 @@ def test_causality_across_segment_boundaries(kind, update):
     same_segment = (s_idx // SEGMENT == t_idx // SEGMENT) & ~future
     assert not zero[same_segment].any()
     earlier_segments = s_idx // SEGMENT < t_idx // SEGMENT
-    if kind == "local":  # no path across segments
+    if kind in ("local", "xl"):  # no gradient path across segments (xl: stop-gradient at the previous segment)
         assert zero[earlier_segments].all()
     else:  # through the memory (infini) or the attention (full), and never detached
         assert not zero[earlier_segments].any()
+
+
+def test_xl_receptive_field_grows_by_one_segment_per_layer():
+    """Forward dependence of `xl` (its gradient is stopped, so the Jacobian test above cannot see it): with
+    n_layers = 2, segment s depends on segments s - 2 .. s and not on s - 3; a token changes no earlier output."""
+    model = tiny_model(attention="xl")
+    T = 5 * SEGMENT
+    x = tokens(1, T)
+    with torch.no_grad():
+        logits = model(x).logits
+        for t in (3, SEGMENT + 2):
+            changed = x.clone()
+            changed[0, t] = (changed[0, t] + 1) % 64
+            moved = (model(changed).logits - logits).abs().amax(-1)[0]  # (T,)
+            reach = (t // SEGMENT + 3) * SEGMENT  # the end of the segment two after t's
+            assert torch.equal(moved[:t], torch.zeros_like(moved[:t]))
+            assert (moved[t:reach] > 0).all()
+            assert torch.equal(moved[reach:], torch.zeros_like(moved[reach:]))
 
 
 @pytest.mark.parametrize("kind,update", ALL_KINDS)

@@ -27,8 +27,28 @@ def test_reset_rows_empties_only_new_documents():
         assert torch.equal(after.memory.norm[1], torch.zeros_like(after.memory.norm[1]))
         assert torch.equal(after.memory.matrix[[0, 2]], before.memory.matrix[[0, 2]])
         assert torch.equal(after.memory.norm[[0, 2]], before.memory.norm[[0, 2]])
-        assert after.keys is before.keys  # the local cache is the segment's own; only the memory resets
+        # the key/value cache of the reset row is zeroed too (empty between training windows but for xl)
+        for cached_before, cached_after in ((before.keys, after.keys), (before.values, after.values)):
+            assert torch.equal(cached_after[1], torch.zeros_like(cached_after[1]))
+            assert torch.equal(cached_after[[0, 2]], cached_before[[0, 2]])
     assert reset_rows(None, torch.tensor([True])) is None
+
+
+def test_reset_rows_makes_xl_rows_start_a_fresh_stream():
+    """xl carries the previous segment across training windows; a reset row then sees none: its next window's
+    logits equal a fresh stream's, while the other rows keep attending to their previous segment."""
+    model = tiny("xl").double()
+    tokens = torch.randint(0, 64, (3, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        state = model(tokens[:, :32]).state  # two whole segments: the cache is the second one
+        assert state[0].keys.shape[2] == 16
+        reset = reset_rows(state, torch.tensor([False, True, False]))
+        logits = model(tokens[:, 32:], reset).logits
+        carried = model(tokens[:, 32:], state).logits
+        fresh = model(tokens[1:2, 32:]).logits
+    torch.testing.assert_close(logits[1], fresh[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(logits[[0, 2]], carried[[0, 2]], rtol=1e-12, atol=1e-14)
+    assert (logits[1] - carried[1]).abs().max() > 1e-6
 
 
 def test_flatten_and_unflatten_round_trip_exactly():
