@@ -5,6 +5,22 @@ from __future__ import annotations
 
 import platform
 import resource
+from contextlib import AbstractContextManager, nullcontext
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the torch dtype's name (what the JSON records)
+
+
+def autocast(dtype: str, device_type: str = "cpu") -> AbstractContextManager:
+    """The training precision `--dtype` names, as train.py applies it (training/parallel.py Runtime.autocast):
+    fp32 -> no autocast; bf16 -> torch.autocast(device_type, bfloat16) around the forward, parameters (and so
+    gradients and optimizer state) stay float32. The model's memory path keeps M and z float32 under autocast."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    if dtype == "fp32":
+        return nullcontext()
+    import torch
+
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def rss_mib() -> float:

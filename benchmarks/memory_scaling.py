@@ -1,16 +1,24 @@
 """Streaming inference over 32K ... 1M tokens with a tiny model: time per token and peak resident memory for each
 length, for Infini-attention and for `full` attention until it stops (runs past the time limit or out of
-memory). Not a test: it prints markdown tables and writes benchmarks/results/memory_scaling.json.
+memory). Not a test: it prints markdown tables and writes benchmarks/results/memory_scaling.json (with --dtype
+bf16: memory_scaling_bf16.json beside it).
 
     python benchmarks/memory_scaling.py                            # dim 128, 2 layers, 4 heads, segment 1024
+    python benchmarks/memory_scaling.py --dtype bf16               # the same under bf16 autocast
     python benchmarks/memory_scaling.py --lengths 32768 131072 --full-lengths 32768 --output /tmp/quick.json
+    python benchmarks/memory_scaling.py --lengths 32768 --full-lengths 32768 --trials 1 --dtype bf16 \
+        --output /tmp/quick_bf16.json
 
-What one run is. A fresh subprocess builds the model (eval mode, float32, batch 1), streams one throw-away chunk
-(kernel and RoPE-table warm-up; its state is dropped), then feeds `length` tokens in chunks of `--chunk-size`
-through `model(chunk, state)` under torch.inference_mode, carrying the state; every chunk's logits are computed and
-dropped (what a streamed perplexity evaluation does). Chunk tokens are drawn on the fly from a seeded generator,
-so no length-sized input tensor sits in memory. `ms_per_token` = streaming time / length. `last_window_ms_per_token`
-is the same over the last 32K tokens only (flat time per token means the state does not grow).
+What one run is. A fresh subprocess builds the model (eval mode, float32 parameters, batch 1), streams one
+throw-away chunk (kernel and RoPE-table warm-up; its state is dropped), then feeds `length` tokens in chunks of
+`--chunk-size` through `model(chunk, state)` under torch.inference_mode, carrying the state; every chunk's logits
+are computed and dropped (what a streamed perplexity evaluation does). `--dtype bf16` runs every call (warm-up
+included) under `torch.autocast("cpu", dtype=torch.bfloat16)`, entered per chunk as train.py does per call
+(training/parallel.py Runtime.autocast); parameters stay float32, the memory M and z stay float32, and the
+key/value cache of `full` holds what the autocast projections return (bfloat16), which `state_mib` counts.
+Chunk tokens are drawn on the fly from a seeded generator, so no length-sized input tensor sits in memory.
+`ms_per_token` = streaming time / length. `last_window_ms_per_token` is the same over the last 32K tokens only
+(flat time per token means the state does not grow).
 
 Memory. `peak_rss_mib` is the subprocess's high-water resident set (getrusage ru_maxrss): interpreter, torch,
 model, state and every temporary. `base_rss_mib` is the resident set after the warm-up, before streaming, so
@@ -42,10 +50,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import cpu_name, rss_mib  # benchmarks/common.py
+from common import DTYPES, autocast, cpu_name, rss_mib  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "memory_scaling.json"
+RESULTS = {"fp32": ROOT / "benchmarks" / "results" / "memory_scaling.json",
+           "bf16": ROOT / "benchmarks" / "results" / "memory_scaling_bf16.json"}  # default --output per --dtype
 ALLOCATORS = {"default": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 WINDOW = 32768  # tokens of the last window timed separately
 
@@ -74,7 +83,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     with torch.inference_mode():
         for chunk in chunks(args.chunk_size):  # warm-up on a throw-away stream
-            model(chunk)
+            with autocast(args.dtype):
+                model(chunk)
         base = rss_mib()
         state = None
         window_start, done = None, 0
@@ -82,15 +92,18 @@ def worker(args: argparse.Namespace) -> dict:
         for chunk in chunks(args.length):
             if window_start is None and done >= args.length - WINDOW:
                 window_start = time.perf_counter()
-            out = model(chunk, state)
+            with autocast(args.dtype):
+                out = model(chunk, state)
             state = out.state
             done += chunk.shape[1]
             del out
         end = time.perf_counter()
-    state_bytes = sum(t.numel() * t.element_size() for s in state for t in (s.keys, s.values, *(s.memory or ())))
+    state_tensors = [t for s in state for t in (s.keys, s.values, *(s.memory or ()))]
+    state_bytes = sum(t.numel() * t.element_size() for t in state_tensors)
     window_tokens = min(WINDOW, args.length)
     return {
-        "attention": args.attention, "length": args.length, "allocator": args.allocator, "threads": args.threads,
+        "attention": args.attention, "length": args.length, "allocator": args.allocator, "dtype": args.dtype,
+        "state_dtypes": sorted({str(t.dtype) for t in state_tensors}), "threads": args.threads,
         "seconds": end - start, "ms_per_token": 1e3 * (end - start) / args.length,
         "last_window_ms_per_token": 1e3 * (end - (window_start or start)) / window_tokens,
         "base_rss_mib": base, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -102,7 +115,7 @@ def run_worker(args: argparse.Namespace, attention: str, length: int, allocator:
     command = [sys.executable, __file__, "--worker", "--attention", attention, "--length", str(length),
                "--allocator", allocator]
     for name in ("dim", "layers", "heads", "segment_len", "memory_update", "chunk_size", "threads",
-                 "memory_limit_gib"):
+                 "memory_limit_gib", "dtype"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = {**os.environ, **ALLOCATORS[allocator]}
     started = time.perf_counter()
@@ -145,7 +158,10 @@ def main() -> None:
     parser.add_argument("--memory-update", default="linear", choices=["linear", "delta"])
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="fp32, or bf16: every model call under bf16 autocast (float32 parameters)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: benchmarks/results/memory_scaling.json (fp32), memory_scaling_bf16.json (bf16)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attention", default="infini", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -160,6 +176,8 @@ def main() -> None:
             args.memory_limit_gib = None
         print(json.dumps(worker(args)))
         return
+    if args.output is None:
+        args.output = RESULTS[args.dtype]
     if args.memory_limit_gib is None:
         args.memory_limit_gib = round(0.8 * _mem_available_gib(), 1)
     full_lengths = sorted(args.lengths if args.full_lengths is None else args.full_lengths)
@@ -219,7 +237,7 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "model": {"dim": args.dim, "layers": args.layers, "heads": args.heads, "segment_len": args.segment_len,
                   "memory_update": args.memory_update, "chunk_size": args.chunk_size, "batch": 1,
-                  "dtype": "float32"},
+                  "dtype": DTYPES[args.dtype], "autocast": args.dtype == "bf16", "parameters_dtype": "float32"},
         "limits": {"full_timeout_s": args.full_timeout, "memory_limit_gib": args.memory_limit_gib},
         "criteria_default_allocator": criteria,
         "results": rows, "runs": runs,
@@ -228,7 +246,7 @@ def main() -> None:
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"torch threads {args.threads}; load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}; model dim "
           f"{args.dim}, {args.layers} layers, {args.heads} heads, segment {args.segment_len}, chunks of "
-          f"{args.chunk_size}, batch 1, float32")
+          f"{args.chunk_size}, batch 1, {args.dtype}{' autocast (float32 parameters)' if args.dtype == 'bf16' else ''}")
     print("| attention | allocator | tokens | ms/token | last 32K ms/token | peak RSS MiB | added MiB | state MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,11 +1,13 @@
 """Training throughput and peak memory, side by side: our infini-linear, infini-delta, `local` and `full` attention,
 and the peer implementation `infini-transformer-pytorch` (PyPI, the `bench` extra), on one model shape, at 8K and
 32K tokens, with back-propagation through time over the whole sequence. Not a test: it prints a markdown table
-and writes benchmarks/results/train_throughput.json.
+and writes benchmarks/results/train_throughput.json (with --dtype bf16: train_throughput_bf16.json beside it).
 
     pip install -e ".[bench]"                    # the peer package
     python benchmarks/train_throughput.py        # dim 256, 4 layers, 4 heads x 64, segment 512, batch 2, fp32
+    python benchmarks/train_throughput.py --dtype bf16                  # the same in bf16 mixed precision
     python benchmarks/train_throughput.py --lengths 1024 --trials 1 --output /tmp/smoke.json   # a quick check
+    python benchmarks/train_throughput.py --lengths 1024 --trials 1 --dtype bf16 --output /tmp/smoke_bf16.json
 
 What one measurement is. A training step = forward over (batch, T) tokens, mean next-token cross-entropy,
 backward, gradients set to None (no optimizer: the same for every variant, and negligible at this size). Ours:
@@ -15,6 +17,14 @@ which runs its segments one after another and, with that setting, never detaches
 backward at the end). Same shape for the peer: dim, depth, heads, dim_head, segment length, vocabulary, and an MLP
 hidden width equal to ours (its ff_mult is chosen so); its own choices stay (GELU-gated MLP with biases, full
 softmax inside a segment, RMSNorm by F.normalize).
+
+Precision (`--dtype`). fp32: everything float32, no autocast. bf16: mixed precision exactly as train.py trains
+(training/parallel.py Runtime.autocast): parameters, gradients and the loss stay float32, our forward runs under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (the memory path keeps M and z float32), the cross-entropy takes
+float32 logits and the backward runs outside autocast. The peer gets the same autocast around its wrapper call;
+that call runs its backward itself (`backward=True` calls `.backward()` inside), so the peer's backward is inside
+the autocast context too. Autocast only affects the forward ops it dispatches (the backward of each op runs in the
+dtypes its forward used), so the two are compared at the same precision.
 
 Protocol (the machine is shared, its load varies). Every (variant, length, trial) runs in a fresh subprocess:
 build the model, one warm-up step, then `--steps` timed steps (wall clock); the trial's figure is their median.
@@ -39,9 +49,9 @@ the peer, which has the same shape):
   + 3 * 2 * n_layers * (H + Hkv) * D * (D + 1)      infini: retrieval sigma(Q)[M | z] and update sigma(K)^T[V | 1]
   + 3 * 2 * n_layers * Hkv * D * (D + 1)            infini-delta: the update's retrieval sigma(K)[M | z]
 with P_matmul = n_layers * (dim * (H + 2 Hkv) * D + H * D * dim + 3 * dim * ffn_dim) + dim * vocab (the embedding
-is a lookup). Achieved FLOP/s = model FLOPs per token * tokens/s; the ceiling is this machine's fp32 matmul rate,
-measured in the same run (square torch.mm at several sizes, best of repeats, same thread count, before and after
-the trials; the higher of the two is used).
+is a lookup). Achieved FLOP/s = model FLOPs per token * tokens/s; the ceiling is this machine's matmul rate in
+the `--dtype` (float32 or bfloat16 tensors), measured in the same run (square torch.mm at several sizes, best of
+repeats, same thread count, before and after the trials; the higher of the two is used).
 """
 
 from __future__ import annotations
@@ -58,11 +68,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import cpu_name, rss_mib  # benchmarks/common.py
+from common import DTYPES, autocast, cpu_name, rss_mib  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.json"
+RESULTS = {"fp32": ROOT / "benchmarks" / "results" / "train_throughput.json",
+           "bf16": ROOT / "benchmarks" / "results" / "train_throughput_bf16.json"}  # default --output per --dtype
 VARIANTS = ("infini-linear", "infini-delta", "local", "full", "peer")
+PRECISION = {"fp32": "float32 throughout, no autocast",
+             "bf16": "float32 parameters, forward under torch.autocast(cpu, bfloat16), backward outside it "
+                     "(the peer's wrapper runs its backward inside the autocast call)"}
 OURS = {"infini-linear": ("infini", "linear"), "infini-delta": ("infini", "delta"), "local": ("local", "linear"),
         "full": ("full", "linear")}
 
@@ -107,15 +121,16 @@ def model_flops_per_token(variant: str, args: argparse.Namespace, length: int) -
             "total": total}
 
 
-def matmul_peak(threads: int, sizes=(1024, 2048, 3072, 4096), repeats: int = 5) -> dict:
-    """Best fp32 torch.mm rate over square sizes (GFLOP/s)."""
+def matmul_peak(threads: int, dtype: str, sizes=(1024, 2048, 3072, 4096), repeats: int = 5) -> dict:
+    """Best torch.mm rate over square sizes (GFLOP/s), on tensors of the --dtype (fp32 or bf16)."""
     import torch
 
     torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, DTYPES[dtype])
     rates = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
+        a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
+        out = torch.empty(n, n, dtype=torch_dtype)
         torch.mm(a, b, out=out)
         best = float("inf")
         for _ in range(repeats):
@@ -161,7 +176,8 @@ def worker(args: argparse.Namespace) -> dict:
         extra["peer_version"] = version("infini-transformer-pytorch")
 
         def step() -> None:
-            wrapper(sequence, backward=True)
+            with autocast(args.dtype):  # the wrapper runs its backward inside this call, so inside autocast
+                wrapper(sequence, backward=True)
             model.zero_grad(set_to_none=True)
     else:
         from models import ModelConfig, Transformer
@@ -176,8 +192,9 @@ def worker(args: argparse.Namespace) -> dict:
         tokens, targets = sequence[:, :-1], sequence[:, 1:]
 
         def step() -> None:
-            logits = model(tokens).logits
-            F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+            with autocast(args.dtype):  # as train.py: forward under autocast, loss on float32 logits, backward outside
+                logits = model(tokens).logits  # (B, T, V)
+            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
             model.zero_grad(set_to_none=True)
 
     model.train()
@@ -200,7 +217,8 @@ def worker(args: argparse.Namespace) -> dict:
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - usage.ru_minflt)
     step_s = statistics.median(times)
     return {
-        "variant": args.variant, "length": T, "batch": B, "parameters": parameters, "threads": args.threads,
+        "variant": args.variant, "length": T, "batch": B, "dtype": args.dtype, "parameters": parameters,
+        "parameter_dtypes": sorted({str(p.dtype) for p in model.parameters()}), "threads": args.threads,
         "step_s": step_s, "step_times_s": times, "cpu_s": statistics.median(cpu_times) if cpu_times else None,
         "warmup_s": warmup, "timed_first_step": timed_first_step, "tokens_per_s": B * T / step_s,
         "base_rss_mib": base, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -211,7 +229,7 @@ def worker(args: argparse.Namespace) -> dict:
 def run_worker(args: argparse.Namespace, variant: str, length: int) -> dict:
     command = [sys.executable, __file__, "--worker", "--variant", variant, "--length", str(length)]
     for name in ("batch", "dim", "layers", "heads", "head_dim", "segment_len", "vocab", "threads", "steps",
-                 "long_step", "backend", "malloc"):
+                 "long_step", "backend", "malloc", "dtype"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != 0:
@@ -252,9 +270,9 @@ def summarise(runs: list[dict], args: argparse.Namespace, peak_gflops: float) ->
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], dtype: str) -> str:
     lines = ["| tokens | variant | step s | tokens/s | vs peer | vs full | peak RSS MiB | GFLOP/token | "
-             "achieved GFLOP/s | of fp32 matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"achieved GFLOP/s | of {dtype} matmul peak |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['length']} | {r['variant']} | failed: {r['error']} | | | | | | | |")
@@ -288,7 +306,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--malloc", default="default", choices=["default", "tuned"],
                         help="glibc settings for every variant: default, or keep_heap()'s")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="fp32, or bf16 mixed precision as train.py trains (autocast, float32 parameters)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: benchmarks/results/train_throughput.json (fp32), train_throughput_bf16.json "
+                             "(bf16)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -302,10 +324,12 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if args.output is None:
+        args.output = RESULTS[args.dtype]
 
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
-    peak_before = matmul_peak(args.threads)
+    peak_before = matmul_peak(args.threads, args.dtype)
     runs = []
     for trial in range(args.trials):
         for length in args.lengths:
@@ -317,7 +341,7 @@ def main() -> None:
                 shown = f"{result['step_s']:.2f} s/step" if "step_s" in result else f"failed {result['error']}"
                 print(f"trial {trial} {length:>7} {variant:<14} {shown}  load {os.getloadavg()[0]:.2f}",
                       file=sys.stderr, flush=True)
-    peak_after = matmul_peak(args.threads)
+    peak_after = matmul_peak(args.threads, args.dtype)
     peak = max(peak_before["gflops"], peak_after["gflops"])
     rows = summarise(runs, args, peak)
     import torch
@@ -331,9 +355,12 @@ def main() -> None:
                     "python": platform.python_version(), "torch": torch.__version__},
         "torch_threads": args.threads,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "matmul_peak_gflops": peak, "matmul_peak_before": peak_before, "matmul_peak_after": peak_after,
+        "matmul_peak_gflops": peak, "matmul_peak_dtype": DTYPES[args.dtype], "matmul_peak_before": peak_before,
+        "matmul_peak_after": peak_after,
         "shape": {k: getattr(args, k) for k in ("batch", "dim", "layers", "heads", "head_dim", "segment_len",
-                                                "vocab")} | {"ffn_dim": ffn_dim_of(args.dim), "dtype": "float32"},
+                                                "vocab")} | {"ffn_dim": ffn_dim_of(args.dim),
+                                                             "dtype": DTYPES[args.dtype]},
+        "precision": PRECISION[args.dtype],
         "protocol": {"trials": args.trials, "steps": args.steps, "long_step_s": args.long_step,
                      "allocator": {"default": "glibc default", "tuned": "glibc, keep_heap(): mmap threshold "
                                    "32 MiB, trim threshold 2 GiB"}[args.malloc]},
@@ -341,9 +368,9 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"fp32 matmul peak {peak:.1f} GFLOP/s ({args.threads} threads); load average "
-          f"{load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    print(markdown(rows))
+    print(f"{args.dtype} ({PRECISION[args.dtype]}); {args.dtype} matmul peak {peak:.1f} GFLOP/s ({args.threads} "
+          f"threads); load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+    print(markdown(rows, args.dtype))
     print(f"wrote {args.output}")
 
 
