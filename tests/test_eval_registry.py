@@ -98,3 +98,31 @@ def test_bad_evaluation_entries_fail_at_train_start_naming_the_entry(toy_task, t
     with pytest.raises(ValueError, match=r"evaluation.final\[0\]: name the task"):
         train.train(compose_smoke(tmp_path, "evaluation.final=[{lengths: [512]}]"))
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_mqar_and_ruler_run_during_and_after_training(tmp_path):
+    """The retrieval tasks as training evaluations: periodic metrics equal a direct evaluation of the checkpoint
+    with the same settings; the final entries write their tables."""
+    from data.ruler import TASKS as RULER_TASKS
+    from data.tokenizer import ByteTokenizer
+    from evaluation.mqar import evaluate_mqar
+    from evaluation.ruler import evaluate_ruler
+    from data.mqar import MQARConfig
+
+    mqar = "{task: mqar, seq_lens: [64], num_pairs: [2, 4], vocab_size: 32, examples: 4, batch_size: 4}"
+    ruler = "{task: ruler, lengths: [768], tasks: [niah_single_repeat, variable_tracking], trials: 1}"
+    summary = train.train(compose_smoke(
+        tmp_path, "trainer.max_steps=2", "trainer.eval_every=2", f"evaluation.periodic=[{mqar}, {ruler}]",
+        f"evaluation.final=[{mqar[:-1]}, label: mqar}}, {ruler[:-1]}, label: ruler}}]"))
+    model = load_model(latest_checkpoint(tmp_path))[0].eval()
+    (periodic,) = [r for r in read_metrics(tmp_path) if "val/loss" in r]
+    direct = evaluate_mqar(model, MQARConfig(vocab_size=32, num_pairs=[2, 4]), [64], 4, 0, 4, 4096)
+    assert periodic["mqar/accuracy"] == pytest.approx(direct.mean())
+    assert {k: v for k, v in periodic.items() if k.startswith("mqar/pairs/")} == pytest.approx(
+        {f"mqar/pairs/{n}": v for n, v in direct.per_pairs().items()})
+    assert set(RULER_TASKS) >= {"niah_single_repeat", "variable_tracking"}
+    ruler_direct = evaluate_ruler(model, ByteTokenizer(), [768], ["niah_single_repeat", "variable_tracking"], 1, 0)
+    expected = {f"ruler/{t}/{n}": v for (t, n), v in ruler_direct.cells("all").items()}
+    assert {k: v for k, v in periodic.items() if k.startswith("ruler/")} == pytest.approx(expected)
+    assert (tmp_path / "mqar").is_dir() and (tmp_path / "ruler" / "ruler_table.md").is_file()
+    assert "mqar" in summary and "ruler" in summary
