@@ -103,11 +103,11 @@ def test_bad_evaluation_entries_fail_at_train_start_naming_the_entry(toy_task, t
 def test_mqar_and_ruler_run_during_and_after_training(tmp_path):
     """The retrieval tasks as training evaluations: periodic metrics equal a direct evaluation of the checkpoint
     with the same settings; the final entries write their tables."""
+    from data.mqar import MQARConfig
     from data.ruler import TASKS as RULER_TASKS
     from data.tokenizer import ByteTokenizer
     from evaluation.mqar import evaluate_mqar
     from evaluation.ruler import evaluate_ruler
-    from data.mqar import MQARConfig
 
     mqar = "{task: mqar, seq_lens: [64], num_pairs: [2, 4], vocab_size: 32, examples: 4, batch_size: 4}"
     ruler = "{task: ruler, lengths: [768], tasks: [niah_single_repeat, variable_tracking], trials: 1}"
