@@ -62,13 +62,19 @@ def forward_backward(module: nn.Module, batch: dict[str, Tensor], state: ModelSt
     T = tokens.shape[1]
     chunk = cfg.tbptt_segments * segment_len if cfg.tbptt_segments > 0 else T
 
+    sparse = bool(mask.count_nonzero() * 2 < mask.numel())  # loss on a few tokens (passkey answers)
+
     def step(span: slice, state: ModelState | None) -> tuple[float, ModelState]:
         with no_sync(module, sync and span.stop == T):  # gradients synchronise on the last chunk's backward
+            # logits only where the loss is (sparse masks): the same loss and gradients, no output layer elsewhere
+            at = mask[:, span] != 0 if sparse else None  # (B, chunk) bool
             with runtime.autocast():
-                out = module(tokens[:, span], state, None if write_scale is None else write_scale[:, span])
-            token_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets[:, span].flatten(),
-                                         reduction="none")  # (B*chunk,)
-            loss = (token_loss * mask[:, span].flatten()).sum()
+                out = module(tokens[:, span], state, None if write_scale is None else write_scale[:, span], at)
+            chunk_targets, chunk_mask = (targets[:, span], mask[:, span]) if at is None else (
+                targets[:, span][at], mask[:, span][at])
+            token_loss = F.cross_entropy(out.logits.float().flatten(0, -2), chunk_targets.flatten(),
+                                         reduction="none")  # (B*chunk,) or (n_selected,)
+            loss = (token_loss * chunk_mask.flatten()).sum()
             (loss * scale).backward()
         return loss.item(), detach_state(out.state)
 

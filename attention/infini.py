@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention.backends import causal_attention
@@ -197,12 +198,25 @@ class CausalSelfAttention(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, T, dim) -> q (B, H, T, D), k and v (B, Hkv, T, D), un-rotated; views of the time-major
-        projections (no copy)."""
+        projections (no copy).
+
+        The three projections are one matmul with the weights stacked, [q | k | v] = x [Wq | Wk | Wv]^T (one input
+        cast under autocast, one larger matmul), unless a projection is wrapped (LoRA adapters): then each module
+        is called. On CPU the result comes back in x's dtype (float32 under autocast): attention, RoPE and the
+        memory then run in float32 there, where PyTorch's bf16 attention backward is slower than float32's
+        (attention/backends.py); on GPU it stays in autocast's dtype for flash-attn."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        linears = (self.wq, self.wk, self.wv)
+        if all(type(linear) is nn.Linear for linear in linears):
+            qkv = F.linear(x, torch.cat([linear.weight for linear in linears]))  # (B, T, (H + 2 Hkv) D)
+            if x.device.type == "cpu":
+                qkv = qkv.to(x.dtype)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = (linear(x) for linear in linears)
+        return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
+                v.view(B, T, Hkv, D).transpose(1, 2))
 
     def _extend_cache(self, state: AttentionState | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if state is None or state.keys.shape[2] == 0:

@@ -1,8 +1,9 @@
 """Where a training step of the default job spends its time: torch.profiler over real training steps, the top ops
 by self CPU time. Not a test: it prints a markdown table and writes benchmarks/results/profile_step.json.
 
-    python benchmarks/profile_step.py                          # the default job's last stage, fp32, 2 threads
-    python benchmarks/profile_step.py --precision bf16         # the same step under CPU autocast (bf16)
+    python benchmarks/profile_step.py                          # the default job's last stage, 2 threads, in its
+                                                               # trainer.precision (bf16 autocast)
+    python benchmarks/profile_step.py --precision fp32         # the same step in float32
     python benchmarks/profile_step.py --overrides attention=local --stage 0 --output /tmp/local.json
 
 What one step is: the loop of train.py exactly (train.forward_backward on one batch of the chosen stage's training
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from common import cpu_name, peak_rss_mib  # noqa: E402
 
 
-def build(overrides: list[str], stage_index: int, precision: str):
+def build(overrides: list[str], stage_index: int, precision: str | None):
     """(model, optimizer, batches iterator, step function, facts) of the composed training config."""
     from hydra import compose, initialize_config_dir
 
@@ -52,6 +53,8 @@ def build(overrides: list[str], stage_index: int, precision: str):
     if stages and not -len(stages) <= stage_index < len(stages):
         raise SystemExit(f"--stage {stage_index}: the config has {len(stages)} stages")
     data_cfg = stages[stage_index].data if stages else cfg.data
+    if precision is None:
+        precision = "bf16" if cfg.trainer.precision == "bf16" else "fp32"
     train.seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     model = Transformer(cfg.model)
@@ -77,14 +80,15 @@ def build(overrides: list[str], stage_index: int, precision: str):
                                                            "vocab_size")},
              "attention": str(cfg.model.attention), "memory_update": str(cfg.model.memory_update),
              "parameters": sum(p.numel() for p in model.parameters())}
-    return step, facts
+    return step, facts | {"precision": precision}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--overrides", nargs="*", default=[], help="train.py overrides (default: the default job)")
     parser.add_argument("--stage", type=int, default=-1, help="which trainer.stages entry's data (default: the last)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="default: the config's trainer.precision (auto: fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="timed steps without the profiler")
@@ -120,7 +124,7 @@ def main() -> None:
              "share": e.self_cpu_time_total / total_us} for e in events]
 
     print(f"\nTraining step of `python train.py {' '.join(args.overrides)}` (stage {args.stage}, {facts['data']}), "
-          f"{args.precision}, {args.threads} threads, {cpu_name()}\n")
+          f"{facts['precision']}, {args.threads} threads, {cpu_name()}\n")
     print(f"median step {1e3 * median_s:.1f} ms over {args.steps} steps, {tokens_per_s:,.0f} tokens/s (all tokens / "
           f"all time; {min(tokens)}-{max(tokens)} tokens per step);\nprofiled self CPU time "
           f"{total_us / 1e3 / args.profile_steps:.1f} ms per step "
@@ -134,7 +138,7 @@ def main() -> None:
         "benchmark": "profile_step", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
                     "threads": args.threads},
-        "command": " ".join(sys.argv), "precision": args.precision, "stage": args.stage, **facts,
+        "command": " ".join(sys.argv), "stage": args.stage, **facts,
         "timed_steps": args.steps, "median_step_s": median_s, "step_s": times, "tokens_per_step": tokens,
         "tokens_per_s": tokens_per_s, "profile_steps": args.profile_steps,
         "profiled_self_ms_per_step": total_us / 1e3 / args.profile_steps, "peak_rss_mib": peak_rss_mib(),

@@ -1,7 +1,9 @@
 """Llama-style building blocks: RMSNorm, SwiGLU MLP, pre-norm decoder block.
 
 RMSNorm and SwiGLU have a hand-written backward (fast path) beside the plain composition (the reference, used
-under autocast and for reduced-precision weights, and by the tests that compare the two). What the fast paths buy
+for reduced-precision weights and by the tests that compare the two). Under autocast the fast paths run too:
+RMSNorm on the float32 residual stream, SwiGLU on its input and weights cast to autocast's dtype, as autocast's
+own linears would (tests/test_fast_paths.py compares both with the reference under autocast). What the fast paths buy
 is memory, not FLOPs: on CPU every new tensor above glibc's mmap threshold (at most 32 MiB) arrives as fresh
 pages, so a training step's time follows the bytes it allocates, and what autograd saves for backward is the
 peak memory of back-propagation through time. Measured on the benchmark shape (benchmarks/train_throughput.py):
@@ -23,10 +25,14 @@ from attention.infini import AttentionState
 
 
 def _fast_path(x: Tensor, *weights: Tensor) -> bool:
-    """The hand-written backward covers float32/float64 with weights of the same dtype, outside autocast."""
-    if x.dtype not in (torch.float32, torch.float64) or any(w.dtype != x.dtype for w in weights):
-        return False
-    return not torch.is_autocast_enabled(x.device.type)
+    """The hand-written backward covers float32/float64 with weights of the same dtype."""
+    return x.dtype in (torch.float32, torch.float64) and all(w.dtype == x.dtype for w in weights)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The lower-precision dtype of an enabled autocast on x's device, else None."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -77,6 +83,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        # under autocast too: normalisation is elementwise work, which autocast leaves in the input's dtype, and
+        # the float32 residual stream stays float32 (the next linear casts it)
         if _fast_path(x, self.weight):
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
@@ -134,6 +142,13 @@ class SwiGLU(nn.Module):
         weights = (self.w1.weight, self.w3.weight, self.w2.weight)
         if not all(type(linear) is nn.Linear for linear in (self.w1, self.w3, self.w2)):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))  # wrapped projections (LoRA adapters): call them
+        low = _autocast_dtype(x)
+        if low is not None and x.dtype == torch.float32:
+            # what autocast does to the three linears of the reference (inputs cast to its dtype, silu and the
+            # product in it, output in it), as one fast-path call: the casts are recorded, so gradients come back
+            # to the float32 parameters and input in float32
+            with torch.autocast(x.device.type, enabled=False):
+                return _SwiGLUFunction.apply(x.to(low), *(w.to(low) for w in weights))
         if _fast_path(x, *weights):
             return _SwiGLUFunction.apply(x, *weights)
         return swiglu_reference(x, *weights)

@@ -25,7 +25,7 @@ from models.streaming import cpu_chunk_len, stream
 
 
 class TransformerOutput(NamedTuple):
-    logits: Tensor  # (B, T, vocab_size)
+    logits: Tensor  # (B, T, vocab_size); (n_selected, vocab_size) with forward's logits_at
     state: ModelState  # one AttentionState per layer
 
 
@@ -133,14 +133,21 @@ class Transformer(nn.Module):
         """Hidden states (..., dim) -> logits (..., vocab_size)."""
         return self.output(self.norm(h))
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None, write_scale: Tensor | None = None
-                ) -> TransformerOutput:
+    def forward(self, tokens: Tensor, state: ModelState | None = None, write_scale: Tensor | None = None,
+                logits_at: Tensor | None = None) -> TransformerOutput:
         """tokens: (B, T) int64. state: None for a fresh stream, else the state returned by the previous call.
         write_scale (`infini` only): None, or a multiplier of each token's memory write, (B, T) for every layer or
         (n_layers, B, T) per layer; 0 removes a token's write (probes' knock-outs), c > 1 writes it as c copies
         (training augmentation). The call must start on a segment boundary (a fresh stream or whole segments so
-        far)."""
+        far). logits_at: None (logits (B, T, V)), or a bool (B, T) selecting the positions whose logits are
+        computed, returned as (n_selected, V) in row-major order: training with the loss on a few tokens (passkey
+        answers) skips the output layer and its softmax everywhere else."""
         h, new_state = self.hidden(tokens, state, write_scale)
+        if logits_at is not None:
+            if logits_at.shape != tokens.shape or logits_at.dtype != torch.bool:
+                raise ValueError(f"logits_at must be a bool tensor of the tokens' shape {tuple(tokens.shape)}, got "
+                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            h = h[logits_at]  # (n_selected, dim)
         return TransformerOutput(self.logits(h), new_state)
 
     def gates(self) -> Tensor | None:

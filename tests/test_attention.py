@@ -114,6 +114,20 @@ def test_sdpa_equals_eager(kv_heads, tq, tk):
     torch.testing.assert_close(causal_attention(q, k, v, "sdpa"), causal_attention(q, k, v, "eager"))
 
 
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-inputs"])
+def test_sdpa_on_cpu_runs_reduced_precision_in_float32(autocast):
+    """CPU's bf16 SDPA kernel is slow in backward, so bf16 inputs (or autocast) run in float32: the result is
+    float32 attention of the bf16 inputs, rounded to their dtype, and gradients flow back in bf16."""
+    q, k, v = (t.bfloat16().requires_grad_() for t in gqa_inputs(9, 9, 2, lead=(3,), dtype=torch.float32))
+    expected = causal_attention(q.detach().float(), k.detach().float(), v.detach().float(), "eager").bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = causal_attention(q, k, v, "sdpa")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-2)  # float32 kernels differ by rounding only
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 def test_eager_attention_is_bottom_right_causal_with_gqa():
     q, k, v = gqa_inputs(3, 5, 2)
     out = causal_attention(q, k, v, "eager")

@@ -80,14 +80,39 @@ def test_rms_norm_fast_path_matches_reference_values_and_gradients():
     assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (rand(2, 3, 16), rand(16)))
 
 
-def test_rms_norm_under_autocast_and_bf16_uses_the_reference():
+def test_rms_norm_under_autocast_is_the_fast_path_in_float32_and_bf16_weights_use_the_reference():
     norm = RMSNorm(16)
     x = torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, norm.eps), rtol=0, atol=0)
+        out = norm(x)  # the float32 residual stream stays float32 (the next linear casts it)
+        assert out.dtype == torch.float32 and out.grad_fn.name().endswith("_RMSNormFunctionBackward")
+        torch.testing.assert_close(out, rms_norm_reference(x, norm.weight, norm.eps), rtol=1e-6, atol=1e-6)
     bf16 = RMSNorm(16).bfloat16()
     xb = x.bfloat16()
     assert torch.equal(bf16(xb), rms_norm_reference(xb, bf16.weight, bf16.eps))
+
+
+def test_swiglu_under_autocast_matches_autocasts_reference_values_and_gradients():
+    """The fast path under autocast computes what autocast makes of the reference's three linears (bf16 inputs,
+    silu and product in bf16); gradients reach the float32 input and weights in float32."""
+    mlp = SwiGLU(16, 40)
+    x = rand(2, 9, 16, dtype=torch.float32)
+    grad = torch.randn(2, 9, 16)
+    weights = (mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = mlp(x)
+        reference = swiglu_reference(x, *weights)
+    assert fast.dtype == reference.dtype == torch.bfloat16
+    assert fast.grad_fn.name() != reference.grad_fn.name()  # the fast path ran
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+    fast_grads = torch.autograd.grad(fast, (x, *weights), grad.bfloat16())
+    reference_grads = torch.autograd.grad(reference, (x, *weights), grad.bfloat16())
+    for a, b in zip(fast_grads, reference_grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+    # and both within bf16 rounding of the float32 computation
+    exact = swiglu_reference(x, *weights)
+    torch.testing.assert_close(fast.float(), exact, rtol=3e-2, atol=3e-2 * exact.abs().max().item())
 
 
 def test_swiglu_fast_path_matches_reference_values_and_gradients():

@@ -24,6 +24,7 @@ from data.stream import shift_and_pad, stack_rows
 from data.tokenizer import load_tokenizer
 from models import Transformer
 from models.checkpoint import CheckpointError, load_model
+from models.state import detach_state
 from training import checkpointing
 from training.checkpointing import latest_checkpoint, list_checkpoints
 from training.config import OptimConfig, TrainerConfig
@@ -288,6 +289,47 @@ def test_truncated_bptt_same_loss_different_gradients(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[4], rel=1e-6)
     torch.testing.assert_close(grads[4], grads[0], rtol=1e-5, atol=1e-7)  # 4 segments: nothing truncated
     assert (grads[1] - grads[0]).abs().max() > 1e-4 and (grads[2] - grads[1]).abs().max() > 1e-4
+
+
+def test_sparse_loss_computes_logits_only_where_the_loss_is_and_matches_the_dense_step(tmp_path):
+    """With a loss on a few tokens (passkey answers), forward_backward asks for logits at those positions only;
+    loss and every gradient equal a dense computation over all logits, also chunked (truncated BPTT) and with
+    per-token write scales."""
+    cfg, _ = train.to_train_config(smoke(tmp_path))
+    runtime = init_runtime(cfg.trainer)
+    batch = fixed_batch(3, 256)
+    mask = torch.zeros(3, 256)
+    mask[0, 250:255], mask[1, 100:103], mask[2, 7] = 1.0, 2.0, 0.5  # sparse, weighted, in several chunks
+    batch["loss_mask"] = mask
+    batch["write_scale"] = torch.rand(3, 256, generator=torch.Generator().manual_seed(1)) * 4
+    for k in (0, 2):
+        cfg.trainer.tbptt_segments = k
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        seen = []
+        model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out.logits.shape))
+        loss, _ = train.forward_backward(model, batch, None, runtime, cfg.trainer, 64, 0.25, True)
+        assert seen[0] == ((9, 256) if k == 0 else (4, 256))  # k=2: the first 128 tokens hold 3 + 1 targets
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        torch.manual_seed(0)
+        dense = Transformer(cfg.model)
+        chunk = 64 * k if k else 256
+        state, expected = None, 0.0
+        for start in range(0, 256, chunk):
+            span = slice(start, start + chunk)
+            out = dense(batch["tokens"][:, span], state, batch["write_scale"][:, span])
+            token_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1),
+                                                           batch["targets"][:, span].flatten(), reduction="none")
+            chunk_loss = (token_loss * mask[:, span].flatten()).sum()
+            (chunk_loss * 0.25).backward()
+            expected += chunk_loss.item()
+            state = detach_state(out.state)
+        assert loss == pytest.approx(expected, rel=1e-6)
+        for name, p in dense.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=r"logits_at must be a bool tensor of the tokens' shape \(3, 256\)"):
+        model(batch["tokens"], logits_at=mask)
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
