@@ -135,7 +135,9 @@ class TrainerConfig:
     device: Device = Device.auto
     """auto (cuda if available, else cpu) | cpu | cuda."""
     precision: Precision = Precision.auto
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16. bf16 is autocast with float32 parameters; on CPU the
+    weight matmuls run in bf16 (fast with AVX-512 BF16 / AMX, slow without) and attention, RoPE, the memory M and z,
+    norms and the loss in float32 (README "Performance")."""
     parallel: Parallel = Parallel.auto
     """Under torchrun: auto (ddp) | ddp | fsdp (FSDP2 fully_shard per block) | none."""
     tbptt_segments: int = 0
