@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import platform
 import resource
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the torch dtype's name (what the JSON records)
 
@@ -16,11 +16,11 @@ def autocast(dtype: str, device_type: str = "cpu") -> AbstractContextManager:
     gradients and optimizer state) stay float32. The model's memory path keeps M and z float32 under autocast."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    if dtype == "fp32":
-        return nullcontext()
     import torch
 
-    return torch.autocast(device_type, dtype=torch.bfloat16)
+    from training.parallel import Runtime  # the workers put the repository root on sys.path first
+
+    return Runtime(0, 1, 0, torch.device(device_type), torch.bfloat16 if dtype == "bf16" else None).autocast()
 
 
 def rss_mib() -> float:

@@ -1,9 +1,9 @@
 """Attention layers against the naive per-segment reference, and the kernels against each other."""
 
-import random
 
 import pytest
 import torch
+from test_model import chunkings
 
 from attention.backends import causal_attention
 from attention.infini import CausalSelfAttention, InfiniAttention
@@ -225,17 +225,7 @@ def test_xl_chunking_invariance_of_outputs_state_and_gradients():
     whole, whole_state = xl_stream(layer, x, [T])
     weights = torch.randn_like(whole)
     (grad_whole,) = torch.autograd.grad((whole * weights).sum(), x)
-    rng = random.Random(0)
-    random_sizes = []
-    while sum(random_sizes) < T:
-        random_sizes.append(min(rng.randint(1, 2 * SEGMENT + 3), T - sum(random_sizes)))
-    chunkings = {
-        "per segment": [SEGMENT] * (T // SEGMENT) + [T % SEGMENT],
-        "random": random_sizes,
-        "token by token": [1] * T,
-        "misaligned": [3, SEGMENT, 2 * SEGMENT + 1, T - 3 - SEGMENT - 2 * SEGMENT - 1],
-    }
-    for name, sizes in chunkings.items():
+    for name, sizes in chunkings(T, SEGMENT).items():
         y, state = xl_stream(layer, x, sizes)
         torch.testing.assert_close(y, whole, rtol=1e-10, atol=1e-12, msg=name)
         torch.testing.assert_close(state.keys, whole_state.keys, msg=name)

@@ -31,6 +31,20 @@ def tokens(batch: int, length: int, seed: int = 0, vocab: int = 64) -> torch.Ten
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def chunkings(T: int, segment: int = SEGMENT, seed: int = 0) -> dict[str, list[int]]:
+    """Ways to cut a stream of T tokens into calls (chunk sizes summing to T), for chunking-invariance tests."""
+    rng = random.Random(seed)
+    random_sizes = []
+    while sum(random_sizes) < T:
+        random_sizes.append(min(rng.randint(1, 2 * segment + 3), T - sum(random_sizes)))
+    return {
+        "per segment": [segment] * (T // segment) + [T % segment],
+        "random": random_sizes,
+        "token by token": [1] * T,
+        "misaligned": [3, segment, 2 * segment + 1, T - 3 - segment - 2 * segment - 1],
+    }
+
+
 def stream(model, x, chunk_sizes):
     state, logits, start = None, [], 0
     for size in chunk_sizes:
@@ -50,17 +64,7 @@ def test_chunking_invariance(kind, update):
     T = 43  # 5 full segments + 3 tokens
     x = tokens(2, T)
     whole, whole_state = stream(model, x, [T])
-    rng = random.Random(0)
-    random_sizes = []
-    while sum(random_sizes) < T:
-        random_sizes.append(min(rng.randint(1, 2 * SEGMENT + 3), T - sum(random_sizes)))
-    chunkings = {
-        "per segment": [SEGMENT] * (T // SEGMENT) + [T % SEGMENT],
-        "random": random_sizes,
-        "token by token": [1] * T,
-        "misaligned": [3, SEGMENT, 2 * SEGMENT + 1, T - 3 - SEGMENT - 2 * SEGMENT - 1],
-    }
-    for name, sizes in chunkings.items():
+    for name, sizes in chunkings(T).items():
         logits, state = stream(model, x, sizes)
         torch.testing.assert_close(logits, whole, rtol=1e-10, atol=1e-10, msg=name)
         for layer_state, whole_layer_state in zip(state, whole_state):
