@@ -43,7 +43,7 @@ def build(overrides: list[str], stage_index: int, precision: str | None):
     from models.transformer import Transformer
     from training.data import build_data
     from training.optim import build_optimizer
-    from training.parallel import Runtime, parallelize
+    from training.parallel import Runtime, parallelize, retain_heap
     from training.stages import resolve_stages
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -60,6 +60,8 @@ def build(overrides: list[str], stage_index: int, precision: str | None):
     model = Transformer(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     runtime = Runtime(0, 1, 0, torch.device("cpu"), torch.bfloat16 if precision == "bf16" else None)
+    if cfg.trainer.retain_heap:  # as init_runtime does on CPU
+        retain_heap()
     module = parallelize(model, cfg.trainer, runtime)  # trainer.compile / activation checkpointing, as train.py
     batches = build_data(data_cfg, tokenizer, 0, 1, validation=False, segment_len=cfg.model.segment_len)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")

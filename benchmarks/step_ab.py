@@ -3,10 +3,12 @@ Not a test: it prints a markdown table and writes benchmarks/results/step_ab.jso
 
     python benchmarks/step_ab.py --baseline 16171d4                  # the revision before the bf16 work
     python benchmarks/step_ab.py --baseline HEAD~3 --rounds 5 --arms "fp32" "bf16"
+    python benchmarks/step_ab.py --baseline HEAD --baseline-precision bf16 --arms bf16   # one uncommitted change
 
 Each arm is benchmarks/profile_step.py (the loop of train.py on one stage's batches: forward, backward, clipping,
 the optimizer) run in a fresh process: the baseline revision's copy of the script and code (checked out with
-`git worktree add --detach` into a temporary directory, removed afterwards) in float32, and this checkout in each
+`git worktree add --detach` into a temporary directory, removed afterwards) in --baseline-precision (float32
+unless told), and this checkout in each
 precision of --arms. Every round runs every arm on every --stages entry, the order rotating by round, so slow
 phases of a shared machine hit every arm alike; the table reports the median over rounds of each arm's tokens/s
 (all tokens / all timed steps; the stages' batches are the same seeded stream in every arm) and its ratio to the
@@ -49,7 +51,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", required=True, help="git revision whose default-job step is the baseline")
     parser.add_argument("--arms", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16"],
-                        help="precisions of this checkout's step to compare with the baseline's fp32")
+                        help="precisions of this checkout's step to compare with the baseline's")
+    parser.add_argument("--baseline-precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the baseline revision's precision (bf16 needs a revision whose profile_step.py has "
+                             "--precision)")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, -1],
                         help="trainer.stages entries whose batches are timed (default: both of the default job)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -68,7 +73,8 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(baseline), revision], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            arms = [("baseline", baseline, "fp32")] + [("this", ROOT, precision) for precision in args.arms]
+            arms = [("baseline", baseline, args.baseline_precision)]
+            arms += [("this", ROOT, precision) for precision in args.arms]
             for round_ in range(args.rounds):
                 order = arms[round_ % len(arms):] + arms[: round_ % len(arms)]
                 for stage in args.stages:
@@ -91,7 +97,7 @@ def main() -> None:
             rows.append({"stage": stage, "arm": arm, "tokens_per_s_median": medians[arm], "tokens_per_s": values})
         for row in rows:
             if row["stage"] == stage:
-                row["vs_baseline"] = row["tokens_per_s_median"] / medians["baseline fp32"]
+                row["vs_baseline"] = row["tokens_per_s_median"] / medians[f"baseline {args.baseline_precision}"]
     import torch
 
     report = {
@@ -102,12 +108,14 @@ def main() -> None:
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": args.threads},
+        "baseline_precision": args.baseline_precision,
         "protocol": {"rounds": args.rounds, "warmup": args.warmup, "steps": args.steps},
         "results": rows, "runs": runs,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nDefault-job training step, {args.rounds} interleaved rounds, medians; baseline {revision} (fp32)\n")
+    print(f"\nDefault-job training step, {args.rounds} interleaved rounds, medians; baseline {revision} "
+          f"({args.baseline_precision})\n")
     print("| stage | arm | tokens/s (median) | vs baseline | rounds |\n|---:|---|---:|---:|---|")
     for row in rows:
         shown = ", ".join(f"{v / 1e3:.1f}K" for v in row["tokens_per_s"])

@@ -35,7 +35,8 @@ timed on that first step only, and says so (`timed_first_step`).
 
 Memory. `peak_rss_mib` is the subprocess's high-water resident set (getrusage ru_maxrss): interpreter, torch,
 model, gradients, every activation saved for backward and every temporary, under glibc's default malloc
-(`--malloc tuned`: with the settings of keep_heap() below, for every variant);
+(`--malloc tuned`: with training.parallel.retain_heap()'s settings, train.py's default on CPU, for
+every variant);
 `base_rss_mib` is the resident set just before the first step, so peak - base is what training steps added.
 `minor_faults_per_step` counts fresh pages touched per timed step: on CPU, new tensors above glibc's mmap
 threshold are fresh pages, and that cost is part of the step time.
@@ -79,22 +80,6 @@ PRECISION = {"fp32": "float32 throughout, no autocast",
                      "(the peer's wrapper runs its backward inside the autocast call)"}
 OURS = {"infini-linear": ("infini", "linear"), "infini-delta": ("infini", "delta"), "local": ("local", "linear"),
         "full": ("full", "linear")}
-
-
-def keep_heap() -> None:
-    """glibc: fix the mmap threshold at its 64-bit ceiling (32 MiB; it is otherwise dynamic from 128 KiB) and raise
-    the trim threshold to 2 GiB, so the activations a step frees stay in the heap for the next step instead of being
-    unmapped and faulted in again. (The MALLOC_*_ environment variables would switch off the dynamic threshold;
-    MALLOC_TRIM_THRESHOLD_ alone leaves the mmap threshold at 128 KiB and multiplies the faults.) Measured with
-    `--malloc tuned`: at 32K tokens page faults per step fall only from ~285K to ~237K (the blocks above 32 MiB are
-    still mapped per allocation) and the step gets ~4% faster; not applied by train.py."""
-    import ctypes
-
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    if mallopt(M_MMAP_THRESHOLD, 32 * 2**20) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
-        raise RuntimeError("glibc refused the malloc settings of --malloc tuned")
 
 
 def ffn_dim_of(dim: int) -> int:
@@ -159,7 +144,10 @@ def worker(args: argparse.Namespace) -> dict:
         sys.path.insert(0, str(ROOT))
     torch.set_num_threads(args.threads)
     if args.malloc == "tuned":  # applied to every variant, the peer included
-        keep_heap()
+        from training.parallel import retain_heap
+
+        if not retain_heap():
+            raise RuntimeError("--malloc tuned needs glibc's mallopt")
     torch.manual_seed(0)
     B, T, N = args.batch, args.length, args.segment_len
     sequence = torch.randint(0, args.vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
@@ -305,7 +293,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="our local attention backend (auto = sdpa on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--malloc", default="default", choices=["default", "tuned"],
-                        help="glibc settings for every variant: default, or keep_heap()'s")
+                        help="glibc settings for every variant: default, or training.parallel.retain_heap()'s")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                         help="fp32, or bf16 mixed precision as train.py trains (autocast, float32 parameters)")
     parser.add_argument("--output", type=Path, default=None,
@@ -362,7 +350,7 @@ def main() -> None:
                                                              "dtype": DTYPES[args.dtype]},
         "precision": PRECISION[args.dtype],
         "protocol": {"trials": args.trials, "steps": args.steps, "long_step_s": args.long_step,
-                     "allocator": {"default": "glibc default", "tuned": "glibc, keep_heap(): mmap threshold "
+                     "allocator": {"default": "glibc default", "tuned": "glibc, retain_heap(): mmap threshold "
                                    "32 MiB, trim threshold 2 GiB"}[args.malloc]},
         "results": rows, "runs": runs,
     }

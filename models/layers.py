@@ -95,38 +95,46 @@ def swiglu_reference(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
 
 
 class _SwiGLUFunction(torch.autograd.Function):
-    """w2 (silu(w1 x) * w3 x), saving a = w1 x and b = w3 x only.
+    """w2 (silu(w1 x) * w3 x), saving a = w1 x and b = w3 x, and silu(a) when keep_silu.
 
     Backward, with g the incoming gradient and g_h = g w2:
         dL/dw2 = g^T (silu(a) * b)      dL/db = g_h * silu(a)      dL/da = g_h * b * silu'(a)
         dL/dx = dL/da w1 + dL/db w3     dL/dw1 = dL/da^T x         dL/dw3 = dL/db^T x
+    silu(a) is recomputed unless kept: SwiGLU keeps it in bf16/fp16 (half-size tensors, and on CPU the reduced-
+    precision silu is the slowest elementwise op of the block: ~1.2-2.4 ms per default-job layer, as long as a
+    matmul), and recomputes it in float32/float64, where activation memory is the fast path's point.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, keep_silu: bool = False) -> Tensor:
         a, b = F.linear(x, w1), F.linear(x, w3)
+        if keep_silu:
+            silu_a = F.silu(a)
+            ctx.save_for_backward(x, w1, w3, w2, a, b, silu_a)
+            return F.linear(silu_a * b, w2)
         ctx.save_for_backward(x, w1, w3, w2, a, b)
         return F.linear(F.silu(a).mul_(b), w2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, w1, w3, w2, a, b = ctx.saved_tensors
-        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad
+        x, w1, w3, w2, a, b, *kept = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
         x2, a2, b2 = x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         g2 = grad.reshape(-1, grad.shape[-1])  # (M, dim)
-        silu_a = F.silu(a2)  # (M, F)
+        silu_a = kept[0].reshape(a2.shape) if kept else F.silu(a2)  # (M, F)
         buffer = silu_a * b2  # h = silu(a) * b, later reused for dL/da
         grad_w2 = g2.T @ buffer if need_w2 else None  # (dim, F)
         g_h = g2 @ w2  # (M, F)
-        grad_b = silu_a.mul_(g_h)  # g_h * silu(a), in silu_a's memory
+        # g_h * silu(a): in silu_a's memory when it was recomputed (a kept one stays intact for another backward)
+        grad_b = silu_a * g_h if kept else silu_a.mul_(g_h)
         grad_a = torch.ops.aten.silu_backward.grad_input(g_h.mul_(b2), a2, grad_input=buffer)
         grad_x = None
         if need_x:
             grad_x = (grad_a @ w1).addmm_(grad_b, w3).view_as(x)
         grad_w1 = grad_a.T @ x2 if need_w1 else None
         grad_w3 = grad_b.T @ x2 if need_w3 else None
-        return grad_x, grad_w1, grad_w3, grad_w2
+        return grad_x, grad_w1, grad_w3, grad_w2, None
 
 
 class SwiGLU(nn.Module):
@@ -148,9 +156,9 @@ class SwiGLU(nn.Module):
             # product in it, output in it), as one fast-path call: the casts are recorded, so gradients come back
             # to the float32 parameters and input in float32
             with torch.autocast(x.device.type, enabled=False):
-                return _SwiGLUFunction.apply(x.to(low), *(w.to(low) for w in weights))
+                return _SwiGLUFunction.apply(x.to(low), *(w.to(low) for w in weights), True)
         if _fast_path(x, *weights):
-            return _SwiGLUFunction.apply(x, *weights)
+            return _SwiGLUFunction.apply(x, *weights, False)
         return swiglu_reference(x, *weights)
 
 

@@ -41,6 +41,35 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The defining formula, x * cos + rotate_half(x) * sin, with cos and sin (..., D) as `cos_sin` returns them."""
+    return x * cos + rotate_half(x) * sin
+
+
+class _Rotate(torch.autograd.Function):
+    """The rotation of every pair (x1_i, x2_i) of the two halves by angle a_i, written per half:
+        y1 = x1 c - x2 s,   y2 = x2 c + x1 s          (c, s: the cos and sin of the first half's angles, (..., D/2))
+    Two passes over x and no temporary, where the formula (rotate_reference) builds rotate_half(x) first. The map is
+    linear with the transposed matrix [[c, s], [-s, c]], the same rotation with -s, so the backward is this function
+    again with s negated (and differentiable again). Both halves are strided views of y; x may be any view (the
+    layers pass transposed views of the projections) and y gets x's layout (empty_like)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+        ctx.save_for_backward(c, s)
+        half = x.shape[-1] // 2
+        y = torch.empty_like(x)
+        x1, x2, y1, y2 = x[..., :half], x[..., half:], y[..., :half], y[..., half:]
+        torch.mul(x1, c, out=y1).addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=y2).addcmul_(x1, s)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        c, s = ctx.saved_tensors
+        return _Rotate.apply(grad, c, -s), None, None
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """A RoPE context-extension rule; the fields mirror ModelConfig.rope_* (documented there)."""
@@ -179,11 +208,9 @@ class RotaryEmbedding(nn.Module):
         return table
 
     def _rotate_with(self, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-        """x * cos + swap_halves(x) * signed_sin, in cos's dtype (float32 for bf16 inputs), two passes."""
+        """x * cos + swap_halves(x) * signed_sin, in cos's dtype (float32 for bf16 inputs), per half (_Rotate)."""
         half = self.head_dim // 2
-        xf = x.to(cos.dtype)
-        swapped = xf.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [x2, x1]
-        return (xf * cos).addcmul_(swapped, signed_sin).to(x.dtype)
+        return _Rotate.apply(x.to(cos.dtype), cos[..., :half], signed_sin[..., half:]).to(x.dtype)
 
     def rotate(self, x: Tensor, start: int = 0) -> Tensor:
         """x: (..., n, D) at positions start .. start + n - 1 -> rotated, in x's dtype (bf16 rotates in float32).

@@ -11,7 +11,7 @@ import models.streaming as streaming
 from attention.feature_maps import EluPlusOne
 from attention.reference import feature_map
 from models import ModelConfig, Transformer
-from models.layers import RMSNorm, SwiGLU, _RMSNormFunction, rms_norm_reference, swiglu_reference
+from models.layers import RMSNorm, SwiGLU, _RMSNormFunction, _SwiGLUFunction, rms_norm_reference, swiglu_reference
 from models.rope import RopeScaling, RotaryEmbedding, rotate_half
 
 
@@ -113,6 +113,23 @@ def test_swiglu_under_autocast_matches_autocasts_reference_values_and_gradients(
     # and both within bf16 rounding of the float32 computation
     exact = swiglu_reference(x, *weights)
     torch.testing.assert_close(fast.float(), exact, rtol=3e-2, atol=3e-2 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("keep_silu", [False, True], ids=["recomputed", "kept"])
+def test_swiglu_function_with_kept_or_recomputed_silu_matches_reference_in_every_backward(keep_silu):
+    """Both backward variants (silu(a) recomputed: float32/float64; kept from forward: bf16) give the reference's
+    gradients in float64, and a second backward of the same graph gives them again (the kept silu(a) is not
+    overwritten by the first)."""
+    mlp = SwiGLU(16, 40).double()
+    x = rand(2, 9, 16)
+    grad = torch.randn(2, 9, 16, dtype=torch.float64)
+    weights = (mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
+    fast = _SwiGLUFunction.apply(x, *weights, keep_silu)
+    torch.testing.assert_close(fast, swiglu_reference(x, *weights), rtol=1e-12, atol=1e-12)
+    expected = torch.autograd.grad(swiglu_reference(x, *weights), (x, *weights), grad)
+    for _ in range(2):
+        for a, b in zip(torch.autograd.grad(fast, (x, *weights), grad, retain_graph=True), expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_swiglu_fast_path_matches_reference_values_and_gradients():

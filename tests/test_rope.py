@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from models.rope import RopeScaling, RotaryEmbedding, rotate_half
+from models.rope import RopeScaling, RotaryEmbedding, rotate_half, rotate_reference
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
@@ -125,6 +125,34 @@ def test_rotation_formula():
     expected = x * angle.cos() + rotate_half(x) * angle.sin()
     torch.testing.assert_close(rope(x, torch.tensor([5])), expected)
     assert torch.equal(rotate_half(x), torch.tensor([[-3.0, -4.0, 1.0, 2.0]]))
+
+
+@pytest.mark.parametrize("kind", ["none", "yarn"])
+def test_fast_rotation_equals_formula_with_gradients(kind):
+    """rotate / forward (per-half autograd function, backward = the rotation by -angle) equal rotate_reference in
+    float64, outputs and input gradients (first and second order), on the strided (B*S, H, N, D) views of a
+    time-major projection that the layers pass; the output keeps that layout."""
+    scaling = RopeScaling(kind, 1.0 if kind == "none" else 4.0, None if kind == "none" else 64)
+    rope = RotaryEmbedding(8, 100.0, scaling)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 12, 3 * 2 * 8, dtype=torch.float64, generator=g, requires_grad=True)  # (B, T, 3 H D)
+    view = qkv[..., 16:32].reshape(2, 12, 2, 8).reshape(6, 4, 2, 8).transpose(1, 2)  # k: (B*S, H, N, D), N = 4
+    cos, sin = rope.cos_sin(torch.arange(4))
+    expected = rotate_reference(view, cos.double(), sin.double())
+    out = rope.rotate(view)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # float32 tables vs the float32 formula: 1 ulp
+    torch.testing.assert_close(rope(view, torch.arange(4)), out, rtol=0, atol=0)  # one table for both paths
+    assert out.stride() == view.transpose(1, 2).contiguous().transpose(1, 2).stride()  # time-major kept
+    weight = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    (grad,) = torch.autograd.grad((out * weight).sum(), qkv, create_graph=True)
+    (expected_grad,) = torch.autograd.grad((expected * weight).sum(), qkv, create_graph=True)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+    assert grad[..., :16].abs().max() == 0 and grad[..., 32:].abs().max() == 0  # only k's slice
+    assert torch.autograd.gradcheck(rope.rotate, (view.detach().requires_grad_(),))
+    assert torch.autograd.gradgradcheck(rope.rotate, (view.detach().requires_grad_(),))
+    # the 2-position start offset of a call in the middle of a segment
+    start_out = rope.rotate(view[:, :, 2:], start=2)
+    torch.testing.assert_close(start_out, out[:, :, 2:], rtol=0, atol=0)
 
 
 def test_model_config_passes_scaling_to_rope():
