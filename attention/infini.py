@@ -202,16 +202,16 @@ class CausalSelfAttention(nn.Module):
 
         The three projections are one matmul with the weights stacked, [q | k | v] = x [Wq | Wk | Wv]^T (one input
         cast under autocast, one larger matmul), unless a projection is wrapped (LoRA adapters): then each module
-        is called. On CPU the result comes back in x's dtype (float32 under autocast): attention, RoPE and the
-        memory then run in float32 there, where PyTorch's bf16 attention backward is slower than float32's
-        (attention/backends.py); on GPU it stays in autocast's dtype for flash-attn."""
+        is called. On CPU under autocast the result comes back in float32 (x, a norm's output, is in autocast's
+        dtype there): attention, RoPE and the memory then run in float32, where PyTorch's bf16 attention backward
+        is slower than float32's (attention/backends.py); on GPU it stays in autocast's dtype for flash-attn."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         linears = (self.wq, self.wk, self.wv)
         if all(type(linear) is nn.Linear for linear in linears):
             qkv = F.linear(x, torch.cat([linear.weight for linear in linears]))  # (B, T, (H + 2 Hkv) D)
-            if x.device.type == "cpu":
-                qkv = qkv.to(x.dtype)
+            if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                qkv = qkv.to(torch.promote_types(qkv.dtype, torch.float32))
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
             q, k, v = (linear(x) for linear in linears)

@@ -80,13 +80,21 @@ def test_rms_norm_fast_path_matches_reference_values_and_gradients():
     assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (rand(2, 3, 16), rand(16)))
 
 
-def test_rms_norm_under_autocast_is_the_fast_path_in_float32_and_bf16_weights_use_the_reference():
+def test_rms_norm_under_autocast_normalises_in_float32_writes_bf16_and_bf16_weights_use_the_reference():
     norm = RMSNorm(16)
     x = torch.randn(4, 16)
+    x.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = norm(x)  # the float32 residual stream stays float32 (the next linear casts it)
-        assert out.dtype == torch.float32 and out.grad_fn.name().endswith("_RMSNormFunctionBackward")
-        torch.testing.assert_close(out, rms_norm_reference(x, norm.weight, norm.eps), rtol=1e-6, atol=1e-6)
+        out = norm(x)  # normalised in float32, written in bf16 (the next linear's cast, done here)
+        assert out.dtype == torch.bfloat16 and out.grad_fn.name().endswith("_RMSNormFunctionBackward")
+        expected = rms_norm_reference(x, norm.weight, norm.eps)
+        assert expected.dtype == torch.float32
+        torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)  # one rounding of the float32 result
+    grad = torch.randn(4, 16).bfloat16()
+    (fast,) = torch.autograd.grad(out, x, grad)
+    (reference,) = torch.autograd.grad(expected, x, grad.float())
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)  # the bf16 gradient, promoted exactly
     bf16 = RMSNorm(16).bfloat16()
     xb = x.bfloat16()
     assert torch.equal(bf16(xb), rms_norm_reference(xb, bf16.weight, bf16.eps))
