@@ -34,9 +34,9 @@ same run. A configuration whose warm-up step alone takes longer than `--long-ste
 timed on that first step only, and says so (`timed_first_step`).
 
 Memory. `peak_rss_mib` is the subprocess's high-water resident set (getrusage ru_maxrss): interpreter, torch,
-model, gradients, every activation saved for backward and every temporary, under glibc's default malloc
-(`--malloc tuned`: with training.parallel.retain_heap()'s settings, train.py's default on CPU, for
-every variant);
+model, gradients, every activation saved for backward and every temporary, under glibc's malloc with
+training.parallel.retain_heap()'s settings (train.py's default on CPU, trainer.retain_heap) for every variant, the
+peer included (`--malloc default`: glibc's defaults);
 `base_rss_mib` is the resident set just before the first step, so peak - base is what training steps added.
 `minor_faults_per_step` counts fresh pages touched per timed step: on CPU, new tensors above glibc's mmap
 threshold are fresh pages, and that cost is part of the step time.
@@ -292,7 +292,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--backend", default="auto", help="our local attention backend (auto = sdpa on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--malloc", default="default", choices=["default", "tuned"],
+    parser.add_argument("--malloc", default="tuned", choices=["default", "tuned"],
                         help="glibc settings for every variant: default, or training.parallel.retain_heap()'s")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                         help="fp32, or bf16 mixed precision as train.py trains (autocast, float32 parameters)")
