@@ -10,7 +10,8 @@ What one step is: the loop of train.py exactly (train.forward_backward on one ba
 stream, gradient clipping, the optimizer step, gradients set to None), on the composed training config
 (`conf/train.yaml` plus --overrides, i.e. `python train.py <overrides>`). --warmup steps run first (allocator
 and thread-pool warm-up, and the first batches of the stream); then --steps steps are timed without the profiler
-(wall clock per step, median: the tokens/s of this machine at this moment), then --profile-steps more run under
+(wall clock per step, median: the tokens/s of this machine at this moment; and the minor page faults per step, fresh
+pages the allocator mapped), then --profile-steps more run under
 torch.profiler and every op's self CPU time is summed over them. The machine's other load shows in both; run it
 alone.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -106,10 +108,12 @@ def main() -> None:
     for _ in range(args.warmup):
         step()
     times, tokens = [], []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         start = time.perf_counter()
         tokens.append(step())  # a length mix varies the tokens per step
         times.append(time.perf_counter() - start)
+    faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
     median_s = statistics.median(times)
     tokens_per_s = sum(tokens) / sum(times)
 
@@ -128,7 +132,8 @@ def main() -> None:
     print(f"\nTraining step of `python train.py {' '.join(args.overrides)}` (stage {args.stage}, {facts['data']}), "
           f"{facts['precision']}, {args.threads} threads, {cpu_name()}\n")
     print(f"median step {1e3 * median_s:.1f} ms over {args.steps} steps, {tokens_per_s:,.0f} tokens/s (all tokens / "
-          f"all time; {min(tokens)}-{max(tokens)} tokens per step);\nprofiled self CPU time "
+          f"all time; {min(tokens)}-{max(tokens)} tokens per step), {faults_per_step:,.0f} page faults per step;\n"
+          f"profiled self CPU time "
           f"{total_us / 1e3 / args.profile_steps:.1f} ms per step "
           f"(the profiler's overhead included)\n")
     print("| op | calls / step | self ms / step | share |\n|---|---:|---:|---:|")
@@ -142,7 +147,7 @@ def main() -> None:
                     "threads": args.threads},
         "command": " ".join(sys.argv), "stage": args.stage, **facts,
         "timed_steps": args.steps, "median_step_s": median_s, "step_s": times, "tokens_per_step": tokens,
-        "tokens_per_s": tokens_per_s, "profile_steps": args.profile_steps,
+        "tokens_per_s": tokens_per_s, "minor_faults_per_step": faults_per_step, "profile_steps": args.profile_steps,
         "profiled_self_ms_per_step": total_us / 1e3 / args.profile_steps, "peak_rss_mib": peak_rss_mib(),
         "ops": rows,
     }
