@@ -56,14 +56,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def _fusable(groups: list[dict]) -> bool | None:
-    """PyTorch's fused AdamW (one kernel over every parameter per step, on CPU too: 2.8 -> 1.3 ms per default-job
-    step with the gradient clipping, measured here) for plain floating-point tensors on CPU or CUDA; None (its
-    default choice) for anything else, e.g. FSDP2's sharded DTensor parameters."""
-    from torch.distributed.tensor import DTensor
-
+    """PyTorch's fused AdamW (one kernel over every parameter per step instead of a loop of ~10 small ops per
+    parameter; on CPU too) for plain floating-point tensors on CPU or CUDA; None (PyTorch's own choice) for anything
+    else, e.g. FSDP2's sharded DTensor parameters."""
     params = [p for group in groups for p in group["params"]]
-    plain = all(type(p.data) is torch.Tensor and not isinstance(p.data, DTensor) for p in params)
-    return True if plain and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) else None
+    plain = all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                for p in params)
+    return True if plain else None
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
