@@ -45,7 +45,7 @@ def build(overrides: list[str], stage_index: int, precision: str | None):
     from models.transformer import Transformer
     from training.data import build_data
     from training.optim import build_optimizer
-    from training.parallel import Runtime, parallelize, retain_heap
+    from training.parallel import init_runtime, parallelize
     from training.stages import resolve_stages
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -55,15 +55,15 @@ def build(overrides: list[str], stage_index: int, precision: str | None):
     if stages and not -len(stages) <= stage_index < len(stages):
         raise SystemExit(f"--stage {stage_index}: the config has {len(stages)} stages")
     data_cfg = stages[stage_index].data if stages else cfg.data
-    if precision is None:
-        precision = "bf16" if cfg.trainer.precision == "bf16" else "fp32"
+    cfg.trainer.device = "cpu"
+    if precision is not None:
+        cfg.trainer.precision = precision
     train.seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     model = Transformer(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
-    runtime = Runtime(0, 1, 0, torch.device("cpu"), torch.bfloat16 if precision == "bf16" else None)
-    if cfg.trainer.retain_heap:  # as init_runtime does on CPU
-        retain_heap()
+    runtime = init_runtime(cfg.trainer)  # as train.py: precision (auto: fp32 on CPU), trainer.retain_heap
+    precision = "fp32" if runtime.autocast_dtype is None else "bf16"
     module = parallelize(model, cfg.trainer, runtime)  # trainer.compile / activation checkpointing, as train.py
     batches = build_data(data_cfg, tokenizer, 0, 1, validation=False, segment_len=cfg.model.segment_len)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")

@@ -109,8 +109,8 @@ class _SwiGLUFunction(torch.autograd.Function):
         dL/dw2 = g^T (silu(a) * b)      dL/db = g_h * silu(a)      dL/da = g_h * b * silu'(a)
         dL/dx = dL/da w1 + dL/db w3     dL/dw1 = dL/da^T x         dL/dw3 = dL/db^T x
     silu(a) and h are recomputed unless kept: SwiGLU keeps them in bf16/fp16 (half-size tensors, and on CPU the
-    reduced-precision silu is the slowest elementwise op of the block, ~1.2-2.4 ms per default-job layer, as long as
-    a matmul; then it saves what autograd's composition saves), and recomputes them in float32/float64, where
+    reduced-precision silu is the slowest elementwise op of the block, as long as a matmul (README "Performance");
+    then it saves what autograd's composition saves), and recomputes them in float32/float64, where
     activation memory is the fast path's point.
     """
 

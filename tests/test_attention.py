@@ -1,6 +1,5 @@
 """Attention layers against the naive per-segment reference, and the kernels against each other."""
 
-
 import pytest
 import torch
 from test_model import chunkings

@@ -137,7 +137,8 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16. bf16 is autocast with float32 parameters; on CPU the
     weight matmuls run in bf16 (fast with AVX-512 BF16 / AMX, slow without) and attention, RoPE, the memory M and z,
-    norms and the loss in float32 (README "Performance")."""
+    the norms' arithmetic (their output is written in bf16 for the next linear) and the loss in float32 (README
+    "Performance")."""
     retain_heap: bool = True
     """On CPU with glibc: keep the memory a step frees in the process heap for the next step (mallopt: mmap threshold
     fixed at its 32 MiB ceiling, trim threshold 2 GiB; training/parallel.py retain_heap) instead of returning it to

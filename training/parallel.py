@@ -49,18 +49,20 @@ def retain_heap() -> bool:
     128 KiB and follows the largest block freed so far, and the heap's free top beyond the trim threshold (twice the
     mmap threshold) goes back to the system. A training step allocates and frees activation-sized tensors of many
     sizes, so under those defaults a good part of them arrive as fresh pages, each page a fault and a zero fill
-    (profiled on the default job: 5-10K faults per step). Fixing the mmap threshold at its 64-bit ceiling (32 MiB)
-    and the trim threshold at 2 GiB keeps them in the heap: blocks above 32 MiB are still mapped per allocation, and
-    the process's RSS stays near its peak instead of shrinking between steps. Only setting both works: a fixed trim
-    threshold alone also fixes the mmap threshold at 128 KiB (many more faults). Process-wide and idempotent."""
+    (benchmarks/profile_step.py on the default job: ~6K faults per step). Fixing the mmap threshold at its 64-bit
+    ceiling (32 MiB) and the trim threshold at 2 GiB keeps them in the heap: blocks above 32 MiB are still mapped per
+    allocation, and the process's RSS stays near its peak instead of shrinking between steps. Only setting both
+    works: a fixed trim threshold alone also fixes the mmap threshold at 128 KiB (many more faults). Process-wide and
+    idempotent."""
     import ctypes
     import ctypes.util
 
-    if ctypes.util.find_library("c") is None:
-        return False
+    libc = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+        mallopt = ctypes.CDLL(libc).mallopt if libc else None
     except (OSError, AttributeError):  # not glibc (macOS's libc has no mallopt)
+        return False
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
