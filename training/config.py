@@ -140,10 +140,10 @@ class TrainerConfig:
     the norms' arithmetic (their output is written in bf16 for the next linear) and the loss in float32 (README
     "Performance")."""
     retain_heap: bool = True
-    """On CPU with glibc: keep the memory a step frees in the process heap for the next step (mallopt: mmap threshold
-    fixed at its 32 MiB ceiling, trim threshold 2 GiB; training/parallel.py retain_heap) instead of returning it to
-    the system and faulting fresh zeroed pages in again. Thousands of page faults fewer per default-job step (README
-    "Performance"); RSS stays at its peak. false: glibc's defaults."""
+    """On CPU with glibc: keep the memory a step frees in the process heap for the next step (mallopt: no block mapped
+    on its own, the heap never trimmed; training/parallel.py retain_heap) instead of returning it to the system and
+    faulting fresh zeroed pages in again. Thousands of page faults fewer per default-job step, hundreds of thousands
+    at 32K tokens (README "Performance"); RSS stays at its high-water mark. false: glibc's defaults."""
     parallel: Parallel = Parallel.auto
     """Under torchrun: auto (ddp) | ddp | fsdp (FSDP2 fully_shard per block) | none."""
     tbptt_segments: int = 0

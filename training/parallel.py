@@ -39,21 +39,21 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
 
 
 def retain_heap() -> bool:
     """Keep freed memory in this process's heap (glibc): True when applied, False without glibc.
 
-    glibc serves a block from its heap below the mmap threshold and maps fresh pages above it; the threshold starts at
-    128 KiB and follows the largest block freed so far, and the heap's free top beyond the trim threshold (twice the
-    mmap threshold) goes back to the system. A training step allocates and frees activation-sized tensors of many
-    sizes, so under those defaults a good part of them arrive as fresh pages, each page a fault and a zero fill
-    (benchmarks/profile_step.py on the default job: ~6K faults per step). Fixing the mmap threshold at its 64-bit
-    ceiling (32 MiB) and the trim threshold at 2 GiB keeps them in the heap: blocks above 32 MiB are still mapped per
-    allocation, and the process's RSS stays near its peak instead of shrinking between steps. Only setting both
-    works: a fixed trim threshold alone also fixes the mmap threshold at 128 KiB (many more faults). Process-wide and
-    idempotent."""
+    Under glibc's defaults a block above the mmap threshold (128 KiB at first, then following the largest block freed
+    so far, up to 32 MiB) is mapped on its own and unmapped at free, and the heap's free top beyond the trim threshold
+    goes back to the system: every such block is fresh pages at every allocation, each page a fault and a zero fill.
+    A training step allocates and frees activation-sized tensors of many sizes, so a good part of each step arrived as
+    fresh pages (benchmarks/profile_step.py: ~6K faults per default-job step; benchmarks/train_throughput.py at 32K
+    tokens: 240-360K per step, from the full-sequence tensors above 32 MiB, which no threshold can keep). Two settings
+    keep them all: no block is mapped on its own (M_MMAP_MAX = 0: every block comes from the heap, however large) and
+    the heap is never trimmed (M_TRIM_THRESHOLD = -1), so what a step frees serves the next step, and the process's
+    resident set stays at its high-water mark (as a caching allocator's would). Process-wide and idempotent."""
     import ctypes
     import ctypes.util
 
@@ -65,7 +65,7 @@ def retain_heap() -> bool:
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
 def init_runtime(cfg: TrainerConfig) -> Runtime:
