@@ -53,7 +53,11 @@ the peer, which has the same shape):
 with P_matmul = n_layers * (dim * (H + 2 Hkv) * D + H * D * dim + 3 * dim * ffn_dim) + dim * vocab (the embedding
 is a lookup). Achieved FLOP/s = model FLOPs per token * tokens/s; the ceiling is this machine's matmul rate in
 the `--dtype` (float32 or bfloat16 tensors), measured in the same run (square torch.mm at several sizes, best of
-repeats, same thread count, before and after the trials; the higher of the two is used).
+repeats, same thread count, before and after the trials; the higher of the two is used). Beside it, the rate of
+this model's own weight matmuls at each length (`weight_matmul_rate`: the forward and both backward products of
+every weight at batch * length rows, before and after the trials, the higher used): with a 256-wide inner dimension
+they may run below the square peak. Printed: the time the step's weight matmuls alone take at that rate, beside
+the time a whole step would have to take to reach 60% of the peak.
 """
 
 from __future__ import annotations
@@ -125,6 +129,35 @@ def matmul_peak(threads: int, dtype: str, sizes=(1024, 2048, 3072, 4096), repeat
             best = min(best, time.perf_counter() - start)
         rates[n] = 2 * n**3 / best / 1e9
     return {"gflops": max(rates.values()), "by_size": rates}
+
+
+def weight_matmul_rate(args: argparse.Namespace, length: int, repeats: int = 3) -> dict:
+    """GFLOP/s of this model's own weight matmuls at `length` tokens, in the --dtype: for each weight W (K, N) of a
+    layer (q|k|v stacked, o, the SwiGLU's w1, w3, w2) and the logits, the forward X W (M = batch * length rows) and
+    the two backward products dY W^T and X^T dY, each the best of `repeats`; the time is the layers' sum. The same
+    FLOPs as the model count's weight term (6 * P_matmul per token), so it is the rate the weight matmuls reach at
+    these shapes (a narrow K = dim inner dimension), the ceiling of a step that did nothing else."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    H = Hkv = args.heads
+    D, dim, ffn, M = args.head_dim, args.dim, ffn_dim_of(args.dim), args.batch * length
+    layer = [(dim, (H + 2 * Hkv) * D), (H * D, dim), (dim, ffn), (dim, ffn), (ffn, dim)]
+    seconds, flops = 0.0, 0
+    for shapes, count in ((layer, args.layers), ([(dim, args.vocab)], 1)):
+        for K, N in shapes:
+            x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((M, K), (K, N), (M, N)))
+            products = ((x, w), (dy, w.t()), (x.t(), dy))
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first is a warm-up
+                start = time.perf_counter()
+                for a, b in products:
+                    torch.mm(a, b)
+                best = min(best, time.perf_counter() - start)
+            seconds += count * best
+            flops += count * 6 * M * K * N
+    return {"gflops": flops / seconds / 1e9, "seconds": seconds, "tokens": M}
 
 
 def peer_ff_mult(dim: int, ffn: int) -> float:
@@ -319,6 +352,7 @@ def main() -> None:
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
     peak_before = matmul_peak(args.threads, args.dtype)
+    weights_before = {length: weight_matmul_rate(args, length) for length in args.lengths}
     runs = []
     for trial in range(args.trials):
         for length in args.lengths:
@@ -332,7 +366,24 @@ def main() -> None:
                       file=sys.stderr, flush=True)
     peak_after = matmul_peak(args.threads, args.dtype)
     peak = max(peak_before["gflops"], peak_after["gflops"])
+    weights_after = {length: weight_matmul_rate(args, length) for length in args.lengths}
+    weight_rates = {length: max(weights_before[length]["gflops"], weights_after[length]["gflops"])
+                    for length in args.lengths}
     rows = summarise(runs, args, peak)
+    weight_lines = []
+    for length, rate in weight_rates.items():
+        tokens = args.batch * length
+        flops = model_flops_per_token("infini-linear", args, length)
+        weights_s = flops["weights"] * tokens / rate / 1e9  # the step's weight matmuls alone, at their measured rate
+        needed_s = flops["total"] * tokens / (0.6 * peak) / 1e9  # a whole step at 60% of the peak
+        weight_lines.append(f"weight matmuls at {length} tokens: {rate:.1f} GFLOP/s ({100 * rate / peak:.0f}% of the "
+                            f"peak), {weights_s:.2f} s per step; 60% of the peak needs the whole step in "
+                            f"{needed_s:.2f} s")
+        for row in rows:
+            if row["length"] == length and "error" not in row:
+                row["weight_matmul_gflops"] = rate
+                row["weight_matmul_s"] = weights_s  # of this row's step_s
+                row["step_s_at_60pct_of_peak"] = needed_s
     import torch
 
     report = {
@@ -346,6 +397,7 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_peak_gflops": peak, "matmul_peak_dtype": DTYPES[args.dtype], "matmul_peak_before": peak_before,
         "matmul_peak_after": peak_after,
+        "weight_matmul_rate_before": weights_before, "weight_matmul_rate_after": weights_after,
         "shape": {k: getattr(args, k) for k in ("batch", "dim", "layers", "heads", "head_dim", "segment_len",
                                                 "vocab")} | {"ffn_dim": ffn_dim_of(args.dim),
                                                              "dtype": DTYPES[args.dtype]},
@@ -360,6 +412,7 @@ def main() -> None:
     print(f"{args.dtype} ({PRECISION[args.dtype]}); {args.dtype} matmul peak {peak:.1f} GFLOP/s ({args.threads} "
           f"threads); load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print(markdown(rows, args.dtype))
+    print("\n".join(weight_lines))
     print(f"wrote {args.output}")
 
 
