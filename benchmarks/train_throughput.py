@@ -55,9 +55,9 @@ is a lookup). Achieved FLOP/s = model FLOPs per token * tokens/s; the ceiling is
 the `--dtype` (float32 or bfloat16 tensors), measured in the same run (square torch.mm at several sizes, best of
 repeats, same thread count, before and after the trials; the higher of the two is used). Beside it, the rate of
 this model's own weight matmuls at each length (`weight_matmul_rate`: the forward and both backward products of
-every weight at batch * length rows, before and after the trials, the higher used): with a 256-wide inner dimension
-they may run below the square peak. Printed: the time the step's weight matmuls alone take at that rate, beside
-the time a whole step would have to take to reach 60% of the peak.
+every weight at the rows our model runs them, batch * its CPU chunk of whole segments; before and after the trials,
+the higher used): with a 256-wide inner dimension they may run below the square peak. Printed: the time the step's
+weight matmuls alone take at that rate, beside the time a whole step would have to take to reach 60% of the peak.
 """
 
 from __future__ import annotations
@@ -132,22 +132,32 @@ def matmul_peak(threads: int, dtype: str, sizes=(1024, 2048, 3072, 4096), repeat
 
 
 def weight_matmul_rate(args: argparse.Namespace, length: int, repeats: int = 3) -> dict:
-    """GFLOP/s of this model's own weight matmuls at `length` tokens, in the --dtype: for each weight W (K, N) of a
-    layer (q|k|v stacked, o, the SwiGLU's w1, w3, w2) and the logits, the forward X W (M = batch * length rows) and
-    the two backward products dY W^T and X^T dY, each the best of `repeats`; the time is the layers' sum. The same
-    FLOPs as the model count's weight term (6 * P_matmul per token), so it is the rate the weight matmuls reach at
-    these shapes (a narrow K = dim inner dimension), the ceiling of a step that did nothing else."""
+    """GFLOP/s of this model's own weight matmuls at `length` tokens, in the --dtype, at the shapes our model runs
+    them: on CPU a long input goes through the stack in chunks of whole segments (models/streaming.py
+    cpu_chunk_len), so each matmul has batch * chunk rows. For each weight W (K, N) of a layer (q|k|v stacked, o, the
+    SwiGLU's w1, w3, w2) and the logits (batch * length rows): the forward X W and the two backward products
+    dY W^T and X^T dY, each round the best of `repeats`. The FLOPs are the model count's weight term (6 * P_matmul
+    per token), so this is the rate the weight matmuls reach at these shapes (a narrow K = dim inner dimension)."""
     import torch
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from models import ModelConfig
+    from models.streaming import cpu_chunk_len
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
+    config = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                         segment_len=args.segment_len)
+    chunk = cpu_chunk_len(config, torch.zeros(args.batch, length, dtype=torch.long), 4) or length  # float32 params
     H = Hkv = args.heads
-    D, dim, ffn, M = args.head_dim, args.dim, ffn_dim_of(args.dim), args.batch * length
+    D, dim, ffn = args.head_dim, args.dim, ffn_dim_of(args.dim)
     layer = [(dim, (H + 2 * Hkv) * D), (H * D, dim), (dim, ffn), (dim, ffn), (ffn, dim)]
     seconds, flops = 0.0, 0
-    for shapes, count in ((layer, args.layers), ([(dim, args.vocab)], 1)):
+    logits = [(dim, args.vocab)]
+    for shapes, rows, count in ((layer, args.batch * chunk, args.layers), (logits, args.batch * length, 1)):
         for K, N in shapes:
-            x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((M, K), (K, N), (M, N)))
+            x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((rows, K), (K, N), (rows, N)))
             products = ((x, w), (dy, w.t()), (x.t(), dy))
             best = float("inf")
             for _ in range(repeats + 1):  # the first is a warm-up
@@ -156,8 +166,8 @@ def weight_matmul_rate(args: argparse.Namespace, length: int, repeats: int = 3) 
                     torch.mm(a, b)
                 best = min(best, time.perf_counter() - start)
             seconds += count * best
-            flops += count * 6 * M * K * N
-    return {"gflops": flops / seconds / 1e9, "seconds": seconds, "tokens": M}
+            flops += count * 6 * rows * K * N
+    return {"gflops": flops / seconds / 1e9, "chunk_tokens": chunk}
 
 
 def peer_ff_mult(dim: int, ffn: int) -> float:
