@@ -8,6 +8,7 @@ and writes benchmarks/results/train_throughput.json (with --dtype bf16: train_th
     python benchmarks/train_throughput.py --dtype bf16                  # the same in bf16 mixed precision
     python benchmarks/train_throughput.py --lengths 1024 --trials 1 --output /tmp/smoke.json   # a quick check
     python benchmarks/train_throughput.py --lengths 1024 --trials 1 --dtype bf16 --output /tmp/smoke_bf16.json
+    python benchmarks/train_throughput.py --pool a.json b.json     # no measurement: two runs' rounds pooled
 
 What one measurement is. A training step = forward over (batch, T) tokens, mean next-token cross-entropy,
 backward, gradients set to None (no optimizer: the same for every variant, and negligible at this size). Ours:
@@ -26,12 +27,14 @@ that call runs its backward itself (`backward=True` calls `.backward()` inside),
 the autocast context too. Autocast only affects the forward ops it dispatches (the backward of each op runs in the
 dtypes its forward used), so the two are compared at the same precision.
 
-Protocol (the machine is shared, its load varies). Every (variant, length, trial) runs in a fresh subprocess:
-build the model, one warm-up step, then `--steps` timed steps (wall clock); the trial's figure is their median.
-Variants are interleaved within a round (the order rotates every round) and each figure is the median over
-`--trials` rounds, so slow phases of the machine hit every variant alike; ratios are taken between medians of the
-same run. A configuration whose warm-up step alone takes longer than `--long-step` seconds (`full` at 32K) is
-timed on that first step only, and says so (`timed_first_step`).
+Protocol (the machine is shared, its load varies). Every (variant, length, trial) runs in a fresh subprocess: build
+the model, one warm-up step, then `--steps` timed steps (wall clock); the trial's figure is their median. Variants
+are interleaved within a round (the order rotates every round) and each figure is the median over `--trials`
+rounds, so slow phases of the machine hit every variant alike; ratios are taken between medians of the same run;
+each row also has the median of per-round ratios (`speed_vs_peer_paired_median`: the variants of one round run back
+to back, so pairing them cancels most of the machine's drift), and `--pool` pools the rounds of several result
+files into those medians. A configuration whose warm-up step alone takes longer than `--long-step` seconds (`full`
+at 32K) is timed on that first step only, and says so (`timed_first_step`).
 
 Memory. `peak_rss_mib` is the subprocess's high-water resident set (getrusage ru_maxrss): interpreter, torch,
 model, gradients, every activation saved for backward and every temporary, under glibc's malloc with
@@ -293,13 +296,48 @@ def summarise(runs: list[dict], args: argparse.Namespace, peak_gflops: float) ->
                 "parameters": trials[0]["parameters"], "model_flops_per_token": flops,
                 "achieved_gflops": achieved, "fraction_of_matmul_peak": achieved / peak_gflops,
             })
-    for length in args.lengths:  # ratios between medians of the same run
+    for length in args.lengths:  # ratios between medians of the same run, and the median of per-round ratios
         by_variant = {r["variant"]: r for r in rows if r["length"] == length and "error" not in r}
         for row in by_variant.values():
-            for reference in ("peer", "full"):
+            for reference in ("peer", "full", "local"):
                 if reference in by_variant and row["variant"] != reference:
                     row[f"speed_vs_{reference}"] = row["tokens_per_s"] / by_variant[reference]["tokens_per_s"]
+                    ratios = paired(runs, row["variant"], reference, length)
+                    if ratios:
+                        row[f"speed_vs_{reference}_paired_median"] = statistics.median(ratios)
     return rows
+
+
+def paired(runs: list[dict], variant: str, reference: str, length: int) -> list[float]:
+    """reference step / variant step within each round that has both (a round's variants run back to back, so a
+    slow phase of the machine hits both): the per-round speed of `variant` relative to `reference`. Rounds are
+    (source, trial) pairs: `source` tells apart the runs pooled by --pool."""
+    steps = {(r.get("source", 0), r["trial"], r["variant"]): r["step_s"] for r in runs
+             if r["length"] == length and "step_s" in r}
+    return [steps[(source, trial, reference)] / steps[(source, trial, variant)]
+            for (source, trial, name) in sorted(steps) if name == variant and (source, trial, reference) in steps]
+
+
+def pool(paths: list[Path]) -> dict:
+    """Several result files of one dtype and shape, their rounds pooled: per length and variant the median of the
+    per-round ratios against the peer and against `local` (and their range)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    if len({(r["shape"]["dtype"], json.dumps(r["shape"], sort_keys=True)) for r in reports}) != 1:
+        raise SystemExit(f"--pool needs result files of one dtype and shape; got {[r['shape'] for r in reports]}")
+    runs = [run | {"source": i} for i, report in enumerate(reports) for run in report["runs"]]
+    rows = []
+    for length in sorted({r["length"] for r in runs}):
+        for variant in sorted({r["variant"] for r in runs if r["length"] == length}):
+            row = {"length": length, "variant": variant}
+            for reference, name in (("peer", "speed_vs_peer"), ("local", "speed_vs_local")):
+                ratios = paired(runs, variant, reference, length) if variant != reference else []
+                if ratios:
+                    row[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                                 "rounds": len(ratios)}
+            rows.append(row)
+    return {"benchmark": "train_throughput (pooled rounds)", "dtype": reports[0]["shape"]["dtype"],
+            "sources": [{"path": str(path), "started_utc": r["started_utc"], "command": r["command"]}
+                        for path, r in zip(paths, reports)], "results": rows}
 
 
 def markdown(rows: list[dict], dtype: str) -> str:
@@ -343,6 +381,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help="default: benchmarks/results/train_throughput.json (fp32), train_throughput_bf16.json "
                              "(bf16)")
+    parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="RESULT_JSON",
+                        help="measure nothing: pool the rounds of earlier result files (one dtype and shape) and "
+                             "print the median per-round ratios against the peer and `local` (JSON to --output)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -353,6 +394,17 @@ def main() -> None:
         import torch
 
         args.threads = torch.get_num_threads()
+    if args.pool:
+        pooled = pool(args.pool)
+        print(f"{pooled['dtype']}, rounds of {len(args.pool)} runs pooled; per-round ratios: median (min-max, rounds)")
+        print("| tokens | variant | vs peer | vs local |\n|---|---|---|---|")
+        for row in pooled["results"]:
+            cells = [f"{row[k]['median']:.2f}x ({row[k]['min']:.2f}-{row[k]['max']:.2f}, {row[k]['rounds']})"
+                     if k in row else "-" for k in ("speed_vs_peer", "speed_vs_local")]
+            print(f"| {row['length']} | {row['variant']} | {cells[0]} | {cells[1]} |")
+        if args.output:
+            args.output.write_text(json.dumps(pooled, indent=2) + "\n")
+        return
     if args.worker:
         print(json.dumps(worker(args)))
         return
