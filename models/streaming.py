@@ -27,7 +27,9 @@ O = TypeVar("O")  # noqa: E741
 # ~25 s instead of ~45 s. The numbers are those of one pass over the whole input: chunking a stream changes
 # nothing (the chunking-invariance tests), it only trades the parallel prefix sum across all segments for a few
 # sequential chunks. Not used for `full` attention (each chunk would re-read the whole growing key cache) nor on
-# accelerators (caching allocators, and wide batched kernels want the whole input).
+# accelerators (caching allocators, and wide batched kernels want the whole input). Under train.py's kept heap
+# (training/parallel.py retain_heap: no block is mapped on its own) the faults are gone either way, and one pass was
+# no faster at 32K while it held more memory (README "Performance"), so the chunks apply there too.
 CPU_CHUNK_BYTES = 32 * 2**20
 
 
