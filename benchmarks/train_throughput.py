@@ -95,12 +95,18 @@ def ffn_dim_of(dim: int) -> int:
     return 64 * -(-8 * dim // (3 * 64))
 
 
+def layer_weight_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(in, out) of every weight matmul of one block: q|k|v stacked, o, the SwiGLU's w1, w3 and w2."""
+    H = Hkv = args.heads
+    D, dim, ffn = args.head_dim, args.dim, ffn_dim_of(args.dim)
+    return [(dim, (H + 2 * Hkv) * D), (H * D, dim), (dim, ffn), (dim, ffn), (ffn, dim)]
+
+
 def model_flops_per_token(variant: str, args: argparse.Namespace, length: int) -> dict:
     """Model FLOPs per token of a training step; see the module docstring for the formula."""
     H = Hkv = args.heads
-    D, dim, layers, N = args.head_dim, args.dim, args.layers, args.segment_len
-    ffn = ffn_dim_of(dim)
-    p_matmul = layers * (dim * (H + 2 * Hkv) * D + H * D * dim + 3 * dim * ffn) + dim * args.vocab
+    D, layers, N = args.head_dim, args.layers, args.segment_len
+    p_matmul = layers * sum(K * M for K, M in layer_weight_shapes(args)) + args.dim * args.vocab
     window = length if variant == "full" else N
     visible = (window + 1) / 2
     attention = 3 * 4 * layers * H * D * visible
@@ -135,12 +141,13 @@ def matmul_peak(threads: int, dtype: str, sizes=(1024, 2048, 3072, 4096), repeat
 
 
 def weight_matmul_rate(args: argparse.Namespace, length: int, repeats: int = 3) -> dict:
-    """GFLOP/s of this model's own weight matmuls at `length` tokens, in the --dtype, at the shapes our model runs
-    them: on CPU a long input goes through the stack in chunks of whole segments (models/streaming.py
-    cpu_chunk_len), so each matmul has batch * chunk rows. For each weight W (K, N) of a layer (q|k|v stacked, o, the
-    SwiGLU's w1, w3, w2) and the logits (batch * length rows): the forward X W and the two backward products
-    dY W^T and X^T dY, each round the best of `repeats`. The FLOPs are the model count's weight term (6 * P_matmul
-    per token), so this is the rate the weight matmuls reach at these shapes (a narrow K = dim inner dimension)."""
+    """GFLOP/s of this model's own weight matmuls in a step over `length` tokens, in the --dtype, at the shapes our
+    model runs them: on CPU a long input goes through the stack in chunks of whole segments (models/streaming.py
+    cpu_chunk_len), so each block's matmuls have batch * chunk rows, length / chunk times per step; the logits have
+    batch * length rows once. For each weight W (K, N) (layer_weight_shapes, and the logits): the forward X W and the
+    two backward products dY W^T and X^T dY, the best of `repeats`. The FLOPs are the model count's weight term
+    (6 * P_matmul per token), so this is the rate the weight matmuls reach at these shapes (a narrow K = dim inner
+    dimension)."""
     import torch
 
     if str(ROOT) not in sys.path:
@@ -153,12 +160,9 @@ def weight_matmul_rate(args: argparse.Namespace, length: int, repeats: int = 3) 
     config = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                          segment_len=args.segment_len)
     chunk = cpu_chunk_len(config, torch.zeros(args.batch, length, dtype=torch.long), 4) or length  # float32 params
-    H = Hkv = args.heads
-    D, dim, ffn = args.head_dim, args.dim, ffn_dim_of(args.dim)
-    layer = [(dim, (H + 2 * Hkv) * D), (H * D, dim), (dim, ffn), (dim, ffn), (ffn, dim)]
-    seconds, flops = 0.0, 0
-    logits = [(dim, args.vocab)]
-    for shapes, rows, count in ((layer, args.batch * chunk, args.layers), (logits, args.batch * length, 1)):
+    seconds = flops = 0.0
+    for shapes, rows, times in ((layer_weight_shapes(args), args.batch * chunk, args.layers * length / chunk),
+                                ([(args.dim, args.vocab)], args.batch * length, 1)):
         for K, N in shapes:
             x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((rows, K), (K, N), (rows, N)))
             products = ((x, w), (dy, w.t()), (x.t(), dy))
@@ -168,8 +172,8 @@ def weight_matmul_rate(args: argparse.Namespace, length: int, repeats: int = 3) 
                 for a, b in products:
                     torch.mm(a, b)
                 best = min(best, time.perf_counter() - start)
-            seconds += count * best
-            flops += count * 6 * rows * K * N
+            seconds += times * best
+            flops += times * 6 * rows * K * N
     return {"gflops": flops / seconds / 1e9, "chunk_tokens": chunk}
 
 
