@@ -326,7 +326,7 @@ def pool(paths: list[Path]) -> dict:
     """Several result files of one dtype and shape, their rounds pooled: per length and variant the median of the
     per-round ratios against the peer and against `local` (and their range)."""
     reports = [json.loads(path.read_text()) for path in paths]
-    if len({(r["shape"]["dtype"], json.dumps(r["shape"], sort_keys=True)) for r in reports}) != 1:
+    if len({json.dumps(r["shape"], sort_keys=True) for r in reports}) != 1:  # the shape includes the dtype
         raise SystemExit(f"--pool needs result files of one dtype and shape; got {[r['shape'] for r in reports]}")
     runs = [run | {"source": i} for i, report in enumerate(reports) for run in report["runs"]]
     rows = []

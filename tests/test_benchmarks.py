@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_train_throughput():
     spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
     module = importlib.util.module_from_spec(spec)
-    import sys
-
     sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports benchmarks/common.py
     try:
         spec.loader.exec_module(module)
