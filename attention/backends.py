@@ -49,12 +49,29 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return probabilities.to(q.dtype) @ v
 
 
+# On CPU, PyTorch's bf16 SDPA kernel is slower than its float32 one for short segments and faster for long ones
+# (benchmarks/attention_kernels.py, forward + backward, 2 threads, 2026-12-01: 0.22x at the default job's 64 keys x
+# head dim 32, 0.37-0.66x at 64-128 keys, 0.98x / 1.34x at 256 keys with head dim 64 / 128, 1.09-2.40x from 512
+# keys; its backward is the slow part). Reduced precision on CPU therefore runs in float32 below this many keys and
+# in bf16 from it.
+CPU_BF16_MIN_KEYS = 512
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    if q.device.type == "cpu" and (q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")):
-        # On CPU the bf16 kernel's backward is ~5x slower than float32's (fwd + bwd of the default model's
-        # (128, 4, 64, 32) segments: 290 vs 58 ms on 1 thread here), which autocast would pick: run in float32.
-        with torch.autocast("cpu", enabled=False):
-            return sdpa_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    """Reduced precision on CPU (bf16 / fp16 inputs, or CPU autocast) runs the kernel in bf16 when that precision is
+    bf16 and there are at least CPU_BF16_MIN_KEYS keys, else in float32; the result has q's dtype."""
+    if q.device.type == "cpu":
+        autocast = torch.is_autocast_enabled("cpu")
+        low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else (
+            torch.get_autocast_dtype("cpu") if autocast else None)
+        if low is not None:
+            run = torch.bfloat16 if low == torch.bfloat16 and k.shape[-2] >= CPU_BF16_MIN_KEYS else torch.float32
+            with torch.autocast("cpu", enabled=False):
+                return _sdpa(q.to(run), k.to(run), v.to(run)).to(q.dtype)
+    return _sdpa(q, k, v)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     lead = q.shape[:-3]
     # fold extra leading dims (segments) into the batch: SDPA's fused CPU/CUDA kernels take 4-D inputs only and
     # fall back to the slow math path otherwise (~45x slower on CPU here)

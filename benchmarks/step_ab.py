@@ -4,6 +4,8 @@ Not a test: it prints a markdown table and writes benchmarks/results/step_ab.jso
     python benchmarks/step_ab.py --baseline 16171d4                  # the revision before the bf16 work
     python benchmarks/step_ab.py --baseline HEAD~3 --rounds 5 --arms "fp32" "bf16"
     python benchmarks/step_ab.py --baseline HEAD --baseline-precision bf16 --arms bf16   # one uncommitted change
+    python benchmarks/step_ab.py --baseline HEAD --baseline-precision bf16 --arms bf16 --stages -1 --warmup 2 \
+        --steps 2 --overrides trainer=cpu data=passkey data.seq_len=32768 ...   # another shape (profile_step.py's)
 
 Each arm is benchmarks/profile_step.py (the loop of train.py on one stage's batches: forward, backward, clipping,
 the optimizer) run in a fresh process: the baseline revision's copy of the script and code (checked out with
@@ -38,6 +40,8 @@ def run_arm(checkout: Path, precision: str, stage: int, args: argparse.Namespace
     command = [sys.executable, "benchmarks/profile_step.py", "--stage", str(stage), "--precision", precision,
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile-steps", "1", "--top", "0",
                "--threads", str(args.threads), "--output", str(out)]
+    if args.overrides:
+        command += ["--overrides", *args.overrides]
     env = os.environ | {"PYTHONPATH": str(checkout)}
     done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -61,6 +65,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--overrides", nargs="+", default=[],
+                        help="train.py overrides for every arm (default: the default job), e.g. a longer shape")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "step_ab.json")
     args = parser.parse_args()
 
@@ -110,12 +116,13 @@ def main() -> None:
                     "torch": torch.__version__, "threads": args.threads},
         "baseline_precision": args.baseline_precision,
         "protocol": {"rounds": args.rounds, "warmup": args.warmup, "steps": args.steps},
+        "overrides": args.overrides,
         "results": rows, "runs": runs,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nDefault-job training step, {args.rounds} interleaved rounds, medians; baseline {revision} "
-          f"({args.baseline_precision})\n")
+    job = f"training step with {' '.join(args.overrides)}" if args.overrides else "Default-job training step"
+    print(f"\n{job}, {args.rounds} interleaved rounds, medians; baseline {revision} ({args.baseline_precision})\n")
     print("| stage | arm | tokens/s (median) | vs baseline | rounds |\n|---:|---|---:|---:|---|")
     for row in rows:
         shown = ", ".join(f"{v / 1e3:.1f}K" for v in row["tokens_per_s"])

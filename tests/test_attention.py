@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_model import chunkings
 
-from attention.backends import causal_attention
+from attention.backends import CPU_BF16_MIN_KEYS, causal_attention
 from attention.infini import CausalSelfAttention, InfiniAttention
 from attention.reference import reference_layer
 from attention.xl import TransformerXLAttention
@@ -115,8 +116,9 @@ def test_sdpa_equals_eager(kv_heads, tq, tk):
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-inputs"])
 def test_sdpa_on_cpu_runs_reduced_precision_in_float32(autocast):
-    """CPU's bf16 SDPA kernel is slow in backward, so bf16 inputs (or autocast) run in float32: the result is
-    float32 attention of the bf16 inputs, rounded to their dtype, and gradients flow back in bf16."""
+    """CPU's bf16 SDPA kernel is slow in backward for short segments, so bf16 inputs (or autocast) run in float32
+    there: the result is float32 attention of the bf16 inputs, rounded to their dtype, and gradients flow back in
+    bf16."""
     q, k, v = (t.bfloat16().requires_grad_() for t in gqa_inputs(9, 9, 2, lead=(3,), dtype=torch.float32))
     expected = causal_attention(q.detach().float(), k.detach().float(), v.detach().float(), "eager").bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -125,6 +127,33 @@ def test_sdpa_on_cpu_runs_reduced_precision_in_float32(autocast):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-2)  # float32 kernels differ by rounding only
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("keys", [CPU_BF16_MIN_KEYS - 1, CPU_BF16_MIN_KEYS])
+def test_sdpa_on_cpu_under_autocast_picks_the_kernel_dtype_by_segment_length(keys):
+    """What the model hands SDPA under CPU autocast: float32 q, k, v (their projection's output). Below
+    CPU_BF16_MIN_KEYS keys the float32 kernel runs (the same result as without autocast, bit for bit); from it the
+    bf16 kernel (bit for bit SDPA on the bf16-rounded inputs), which stays within bf16 rounding of float64
+    attention, forward and backward. The result and the gradients keep float32."""
+    g = torch.Generator().manual_seed(keys)
+    q, k, v = (torch.randn(2, 2, keys, 16, generator=g, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_attention(q, k, v, "sdpa")
+    assert out.dtype == torch.float32
+    if keys < CPU_BF16_MIN_KEYS:
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        expected = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True).float()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    reference = causal_attention(q.double(), k.double(), v.double(), "eager")
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=1.5e-2 if keys >= CPU_BF16_MIN_KEYS else 1e-5)
+    cotangent = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), cotangent)
+    grads_ref = torch.autograd.grad(reference, (q, k, v), cotangent.double())
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert grad.dtype == torch.float32
+        scale = grad_ref.abs().max().item()
+        assert (grad.double() - grad_ref).abs().max().item() <= (2e-2 if keys >= CPU_BF16_MIN_KEYS else 1e-5) * scale
 
 
 def test_eager_attention_is_bottom_right_causal_with_gqa():
