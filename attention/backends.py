@@ -8,7 +8,9 @@
 
 Backends: `eager` (explicit softmax; the reference), `sdpa` (torch.nn.functional.scaled_dot_product_attention),
 `flash` (flash-attn 2, CUDA and fp16/bf16 only), `auto` (flash where it applies, else sdpa). The choice never
-changes results beyond float tolerance; tests compare sdpa with eager.
+changes results beyond float tolerance; tests compare sdpa with eager. Under reduced precision on CPU, `sdpa` picks
+its kernel's dtype by the number of keys (CPU_BF16_MIN_KEYS), so there a short and a long call (e.g. a decoding step
+early in a segment and the whole segment's forward) agree to bf16's rounding, as on GPU.
 """
 
 from __future__ import annotations
