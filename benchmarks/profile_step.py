@@ -5,6 +5,7 @@ by self CPU time. Not a test: it prints a markdown table and writes benchmarks/r
                                                                # trainer.precision (bf16 autocast)
     python benchmarks/profile_step.py --precision fp32         # the same step in float32
     python benchmarks/profile_step.py --overrides attention=local --stage 0 --output /tmp/local.json
+    python benchmarks/profile_step.py --by-shape 20            # also the top 20 (op, input shapes) pairs
 
 What one step is: the loop of train.py exactly (train.forward_backward on one batch of the chosen stage's training
 stream, gradient clipping, the optimizer step, gradients set to None), on the composed training config
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps without the profiler")
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--by-shape", type=int, default=0, metavar="K",
+                        help="also record input shapes and list the top K (op, input shapes) pairs by self time "
+                             "(which of an op's calls cost: e.g. `mul` split into RoPE's, SwiGLU's, the gate's)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "profile_step.json")
     args = parser.parse_args()
     if min(args.threads, args.steps, args.profile_steps) < 1 or args.warmup < 0:
@@ -119,10 +123,17 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape > 0) as prof:
         for _ in range(args.profile_steps):
             step()
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    by_shape = []
+    if args.by_shape:
+        shaped = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
+        shaped.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        by_shape = [{"op": e.key, "input_shapes": e.input_shapes, "calls_per_step": e.count / args.profile_steps,
+                     "self_ms_per_step": e.self_cpu_time_total / 1e3 / args.profile_steps}
+                    for e in shaped[: args.by_shape]]
     total_us = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     rows = [{"op": e.key, "calls_per_step": e.count / args.profile_steps,
@@ -140,6 +151,11 @@ def main() -> None:
     for row in rows[: args.top]:
         print(f"| {row['op']} | {row['calls_per_step']:.0f} | {row['self_ms_per_step']:.2f} | "
               f"{100 * row['share']:.1f}% |")
+    if by_shape:
+        print("\n| op | input shapes | calls / step | self ms / step |\n|---|---|---:|---:|")
+        for row in by_shape:
+            shapes = ", ".join(str(tuple(shape)) for shape in row["input_shapes"]) or "-"
+            print(f"| {row['op']} | {shapes} | {row['calls_per_step']:.1f} | {row['self_ms_per_step']:.2f} |")
 
     result = {
         "benchmark": "profile_step", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -149,7 +165,7 @@ def main() -> None:
         "timed_steps": args.steps, "median_step_s": median_s, "step_s": times, "tokens_per_step": tokens,
         "tokens_per_s": tokens_per_s, "minor_faults_per_step": faults_per_step, "profile_steps": args.profile_steps,
         "profiled_self_ms_per_step": total_us / 1e3 / args.profile_steps, "peak_rss_mib": peak_rss_mib(),
-        "ops": rows,
+        "ops": rows, "ops_by_input_shape": by_shape,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
