@@ -63,9 +63,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Reduced precision on CPU (bf16 / fp16 inputs, or CPU autocast) runs the kernel in bf16 when that precision is
     bf16 and there are at least CPU_BF16_MIN_KEYS keys, else in float32; the result has q's dtype."""
     if q.device.type == "cpu":
-        autocast = torch.is_autocast_enabled("cpu")
         low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else (
-            torch.get_autocast_dtype("cpu") if autocast else None)
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         if low is not None:
             run = torch.bfloat16 if low == torch.bfloat16 and k.shape[-2] >= CPU_BF16_MIN_KEYS else torch.float32
             with torch.autocast("cpu", enabled=False):

@@ -37,7 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import cpu_name
+from common import DTYPES, cpu_name, matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "attention_kernels.json"
@@ -58,23 +58,6 @@ def causal_flops(segments: int, heads: int, n: int, d: int) -> tuple[float, floa
     """(forward, backward) FLOPs of causal attention over the segments: q.k and the weighted sum of v."""
     forward = 2 * 2 * segments * heads * (n * (n + 1) / 2) * d
     return forward, 2.5 * forward
-
-
-def square_peak(threads: int, dtype: str, sizes=(1024, 2048, 3072, 4096), repeats: int = 5) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    best_rate = 0.0
-    for n in sizes:
-        a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
-        out = torch.mm(a, b)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            best = min(best, time.perf_counter() - start)
-        best_rate = max(best_rate, 2 * n**3 / best / 1e9)
-    return best_rate
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -170,7 +153,7 @@ def main() -> None:
         return
 
     started = datetime.now(timezone.utc)
-    peaks_before = {dtype: square_peak(args.threads, dtype) for dtype in ("float32", "bfloat16")}
+    peaks_before = {DTYPES[d]: matmul_peak(args.threads, d)["gflops"] for d in DTYPES}  # keyed float32, bfloat16
     runs = []
     for trial in range(args.trials):
         for case in args.cases:
@@ -184,7 +167,7 @@ def main() -> None:
                 shown = (f"{1e3 * (result['forward_s'] + result['backward_s']):.1f} ms" if "forward_s" in result
                          else f"failed {result['error']}")
                 print(f"trial {trial} {case:<10} {kernel:<11} {shown}", file=sys.stderr, flush=True)
-    peaks_after = {dtype: square_peak(args.threads, dtype) for dtype in ("float32", "bfloat16")}
+    peaks_after = {DTYPES[d]: matmul_peak(args.threads, d)["gflops"] for d in DTYPES}
     peaks = {dtype: max(peaks_before[dtype], peaks_after[dtype]) for dtype in peaks_before}
     rows = summarise(runs, peaks)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import resource
+import time
 from contextlib import AbstractContextManager
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the torch dtype's name (what the JSON records)
@@ -53,10 +54,30 @@ def train_variant(root, experiment: str, variant: str, run_dir, overrides: list[
     (fresh: resume off); returns its wall time in seconds. The experiment scripts compare memories this way."""
     import subprocess
     import sys
-    import time
 
     command = [sys.executable, "train.py", f"experiment={experiment}", f"attention={variant}",
                f"hydra.run.dir={run_dir}", "trainer.progress=false", "trainer.resume=none", *overrides]
     start = time.perf_counter()
     subprocess.run(command, cwd=root, check=True)
     return time.perf_counter() - start
+
+
+def matmul_peak(threads: int, dtype: str, sizes=(1024, 2048, 3072, 4096), repeats: int = 5) -> dict:
+    """This machine's matmul ceiling: the best torch.mm rate over square sizes (GFLOP/s), on tensors of `dtype` (a
+    DTYPES key: fp32 or bf16), on `threads` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    rates = {}
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
+        out = torch.empty(n, n, dtype=torch_dtype)
+        torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        rates[n] = 2 * n**3 / best / 1e9
+    return {"gflops": max(rates.values()), "by_size": rates}

@@ -77,7 +77,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import DTYPES, autocast, cpu_name, rss_mib  # benchmarks/common.py
+from common import DTYPES, autocast, cpu_name, matmul_peak, rss_mib  # benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = {"fp32": ROOT / "benchmarks" / "results" / "train_throughput.json",
@@ -118,26 +118,6 @@ def model_flops_per_token(variant: str, args: argparse.Namespace, length: int) -
     total = 6 * p_matmul + attention + memory
     return {"matmul_params": p_matmul, "weights": 6 * p_matmul, "attention": attention, "memory": memory,
             "total": total}
-
-
-def matmul_peak(threads: int, dtype: str, sizes=(1024, 2048, 3072, 4096), repeats: int = 5) -> dict:
-    """Best torch.mm rate over square sizes (GFLOP/s), on tensors of the --dtype (fp32 or bf16)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    torch_dtype = getattr(torch, DTYPES[dtype])
-    rates = {}
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
-        out = torch.empty(n, n, dtype=torch_dtype)
-        torch.mm(a, b, out=out)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            best = min(best, time.perf_counter() - start)
-        rates[n] = 2 * n**3 / best / 1e9
-    return {"gflops": max(rates.values()), "by_size": rates}
 
 
 def weight_matmul_rate(args: argparse.Namespace, length: int, repeats: int = 3) -> dict:

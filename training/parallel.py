@@ -58,11 +58,11 @@ def retain_heap() -> bool:
     import ctypes.util
 
     libc = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(libc).mallopt if libc else None
-    except (OSError, AttributeError):  # not glibc (macOS's libc has no mallopt)
+    if libc is None:
         return False
-    if mallopt is None:
+    try:
+        mallopt = ctypes.CDLL(libc).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS's libc has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
